@@ -1,0 +1,157 @@
+"""Batched greedy decoding with openai-whisper's decoding rules, on a transformers decoder.
+
+The rules reproduced (openai-whisper ``DecodingOptions`` defaults as upstream Ichigo uses them):
+optional ``<|startofprev|>`` prompt (last 223 tokens of ``" " + prompt``), start sequence,
+per-item language detection when no language is set on a multilingual model, blank
+suppression at the first step, ``"-1"`` token suppression (non-speech symbols and task
+tokens), timestamp rules (pairs, monotonic, first token a timestamp <= 1 s, timestamps win
+when their total probability beats any text token), greedy argmax, at most 224 new tokens.
+Timestamp tokens are dropped from the text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from .tokenizer import WhisperTokenizer
+
+N_AUDIO_CTX_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    task: str = "transcribe"
+    language: str | None = None
+    prompt: str | None = None
+    sample_len: int = 224
+    suppress_blank: bool = True
+    suppress_tokens: str = "-1"
+    without_timestamps: bool = False
+    max_initial_timestamp: float = 1.0
+
+    @classmethod
+    def from_upstream(cls, section: dict | None) -> DecodingOptions:
+        section = dict(section or {})
+        unknown = set(section) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unsupported decoding options: {sorted(unknown)}")
+        return cls(**section)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    tokens: list[int]  # sampled tokens, timestamps included, up to (not including) EOT
+    text: str
+    language: str | None
+
+
+class BatchDecoder:
+    """Greedy decoding of a batch of audio features [B, 1500, width] in one loop."""
+
+    def __init__(self, model, tokenizer: WhisperTokenizer, options: DecodingOptions):
+        self.model = model  # transformers WhisperForConditionalGeneration
+        self.tokenizer = tokenizer
+        self.options = options
+        self.n_ctx = model.config.max_target_positions
+        self.initial = self._initial_tokens()
+        self.sample_begin = len(self.initial)
+        self.sot_index = self.initial.index(tokenizer.sot)
+        self.suppress = self._suppress_tokens()
+        precision = N_AUDIO_CTX_SECONDS / model.config.max_source_positions
+        self.max_initial_ts_index = round(options.max_initial_timestamp / precision)
+
+    def _initial_tokens(self) -> list[int]:
+        tok, opts = self.tokenizer, self.options
+        tokens = tok.sot_sequence(opts.language, opts.task)
+        if opts.prompt:
+            prompt = tok.encode(" " + opts.prompt.strip())
+            tokens = [tok.sot_prev] + prompt[-(self.n_ctx // 2 - 1) :] + tokens
+        return tokens
+
+    def _suppress_tokens(self) -> list[int]:
+        tok = self.tokenizer
+        ids = [int(t) for t in self.options.suppress_tokens.split(",") if t.strip()]
+        if -1 in ids:
+            ids = [t for t in ids if t >= 0] + list(tok.non_speech_tokens)
+        ids += [tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech]
+        return sorted(set(ids))
+
+    def _logits(self, tokens, audio, cache) -> torch.Tensor:
+        out = self.model.model.decoder(
+            input_ids=tokens, encoder_hidden_states=audio, cache=cache, use_cache=cache is not None
+        )
+        return self.model.proj_out(out.last_hidden_state[:, -1]).float()
+
+    def detect_language(self, audio: torch.Tensor) -> list[str]:
+        """Most likely language of each item from the first decoder step after ``sot``."""
+        tok = self.tokenizer
+        sot = torch.full((audio.shape[0], 1), tok.sot, device=audio.device)
+        logits = self._logits(sot, audio, None)
+        codes = list(tok.language_tokens)
+        lang_ids = torch.tensor(list(tok.language_tokens.values()), device=logits.device)
+        best = logits[:, lang_ids].argmax(-1).tolist()
+        return [codes[i] for i in best]
+
+    def _apply_rules(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        tok = self.tokenizer
+        ts_begin = tok.timestamp_begin
+        first_step = tokens.shape[1] == self.sample_begin
+        if self.options.suppress_blank and first_step:
+            logits[:, tok.encode(" ") + [tok.eot]] = -torch.inf
+        logits[:, self.suppress] = -torch.inf
+        if self.options.without_timestamps:
+            return
+        logits[:, tok.no_timestamps] = -torch.inf
+        sampled = tokens[:, self.sample_begin :]
+        is_ts = sampled >= ts_begin
+        n = sampled.shape[1]
+        if n >= 1:
+            last_ts = is_ts[:, -1]
+            penult_ts = is_ts[:, -2] if n >= 2 else torch.ones_like(last_ts)
+            logits[last_ts & penult_ts, ts_begin:] = -torch.inf
+            logits[last_ts & ~penult_ts, : tok.eot] = -torch.inf
+            # timestamps never decrease (the rule below keeps them so): the last is the max
+            last_val = torch.where(is_ts, sampled, -1).amax(dim=1)
+            limit = torch.where(last_ts & ~penult_ts, last_val, last_val + 1)
+            cols = torch.arange(logits.shape[-1], device=logits.device)
+            block = (cols >= ts_begin) & (cols < limit[:, None]) & is_ts.any(dim=1)[:, None]
+            logits.masked_fill_(block, -torch.inf)
+        if first_step:
+            logits[:, :ts_begin] = -torch.inf
+            logits[:, ts_begin + self.max_initial_ts_index + 1 :] = -torch.inf
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        ts_logprob = logprobs[:, ts_begin:].logsumexp(dim=-1)
+        max_text = logprobs[:, :ts_begin].max(dim=-1).values
+        logits[ts_logprob > max_text, :ts_begin] = -torch.inf
+
+    @torch.inference_mode()
+    def decode(self, audio: torch.Tensor) -> list[Decoded]:
+        tok = self.tokenizer
+        batch = audio.shape[0]
+        device = audio.device
+        tokens = torch.tensor([self.initial] * batch, device=device)
+        languages: list[str | None] = [self.options.language] * batch
+        if tok.multilingual and self.options.language is None:
+            languages = list(self.detect_language(audio))
+            lang_ids = [tok.language_tokens[lang] for lang in languages]
+            tokens[:, self.sot_index + 1] = torch.tensor(lang_ids, device=device)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        step_input = tokens
+        for _ in range(self.options.sample_len):
+            logits = self._logits(step_input, audio, cache)
+            self._apply_rules(logits, tokens)
+            next_tokens = logits.argmax(dim=-1)
+            next_tokens[tokens[:, -1] == tok.eot] = tok.eot
+            tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
+            step_input = next_tokens[:, None]
+            if (next_tokens == tok.eot).all() or tokens.shape[-1] > self.n_ctx:
+                break
+        results = []
+        for row, lang in zip(tokens[:, self.sample_begin :].tolist(), languages, strict=True):
+            if tok.eot in row:
+                row = row[: row.index(tok.eot)]
+            results.append(Decoded(tokens=row, text=tok.decode(row).strip(), language=lang))
+        return results

@@ -1,0 +1,196 @@
+"""Model specifications (presets and upstream YAML files) and the loaded model.
+
+A specification is upstream's config schema: ``model_hub`` + ``model_name`` name the quantizer
+checkpoint (``model_name`` may be a local path), ``whisper_name`` the Whisper weights,
+``quantizer`` its architecture, ``r2t.decoding_options`` the decoding options. A spec without
+``quantizer`` is a plain Whisper model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .decoding import BatchDecoder, Decoded, DecodingOptions
+from .errors import ModelConfigError, ModelNotFoundError
+from .features import log_mel_batch
+from .quantizer import IchigoQuantizer, QuantizerConfig, load_quantizer
+from .whisper_weights import WhisperBundle, load_whisper
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "ichigo-asr-2501-en"
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("ichigo_pipeline") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    whisper_name: str
+    decoding: DecodingOptions
+    quantizer: QuantizerConfig | None = None
+    model_hub: str | None = None
+    model_name: str | None = None
+    base_dir: Path | None = None  # folder of the YAML file, for relative paths
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_ichigo(self) -> bool:
+        return self.quantizer is not None
+
+    @classmethod
+    def from_dict(cls, name: str, cfg: dict[str, Any], base_dir: Path | None = None) -> ModelSpec:
+        if "whisper_name" not in cfg:
+            raise ModelConfigError(f"model config {name} has no whisper_name")
+        decoding = DecodingOptions.from_upstream((cfg.get("r2t") or {}).get("decoding_options"))
+        quantizer = None
+        if cfg.get("quantizer"):
+            quantizer = QuantizerConfig.from_upstream(cfg["quantizer"])
+            if not cfg.get("model_name"):
+                raise ModelConfigError(f"model config {name} has a quantizer but no model_name")
+        return cls(
+            name=name,
+            whisper_name=str(cfg["whisper_name"]),
+            decoding=decoding,
+            quantizer=quantizer,
+            model_hub=cfg.get("model_hub"),
+            model_name=cfg.get("model_name"),
+            base_dir=base_dir,
+            raw=cfg,
+        )
+
+    @classmethod
+    def resolve(cls, model: str | ModelSpec | None) -> ModelSpec:
+        """A preset name or a path to a YAML file in upstream's schema."""
+        if isinstance(model, ModelSpec):
+            return model
+        model = model or os.environ.get("ICHIGO_MODEL") or DEFAULT_PRESET
+        if model.endswith((".yaml", ".yml")):
+            path = Path(model).expanduser()
+            if not path.exists():
+                raise ModelNotFoundError(f"model config not found: {path}")
+            cfg = yaml.safe_load(path.read_text())
+            return cls.from_dict(str(path), cfg, base_dir=path.resolve().parent)
+        if model not in preset_names():
+            raise ModelConfigError(
+                f"unknown model {model!r}: use a preset ({', '.join(preset_names())}) "
+                "or a path to a .yaml config"
+            )
+        text = (resources.files("ichigo_pipeline") / "presets" / f"{model}.yaml").read_text()
+        return cls.from_dict(model, yaml.safe_load(text))
+
+    def quantizer_path(self) -> Path:
+        """Local path of the quantizer checkpoint, downloading it through the hub cache if needed."""
+        assert self.model_name
+        local = Path(self.model_name).expanduser()
+        if not local.is_absolute() and self.base_dir is not None:
+            local = self.base_dir / local
+        if local.exists():
+            return local
+        if not self.model_hub:
+            raise ModelNotFoundError(f"quantizer checkpoint not found: {local}")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(repo_id=self.model_hub, filename=self.model_name))
+        except Exception as exc:
+            raise ModelNotFoundError(
+                f"quantizer checkpoint {self.model_hub}:{self.model_name} is not in the Hugging "
+                f"Face cache and could not be downloaded ({exc.__class__.__name__}). Put the file "
+                "at a local path and give that path as model_name."
+            ) from exc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class IchigoModel:
+    """Whisper encoder -> (quantizer -> de-quantizer) -> Whisper decoder, for padded batches."""
+
+    def __init__(self, spec: ModelSpec, device: str | None = None, dtype: torch.dtype | None = None):
+        self.spec = spec
+        self.device = pick_device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        bundle: WhisperBundle = load_whisper(spec.whisper_name, spec.base_dir)
+        self.whisper = bundle.model.to(self.device, self.dtype)
+        self.tokenizer = bundle.tokenizer
+        self.whisper_source = bundle.source
+        self.quantizer: IchigoQuantizer | None = None
+        self.quantizer_source: str | None = None
+        if spec.quantizer is not None:
+            width = self.whisper.config.d_model
+            if spec.quantizer.width != width:
+                raise ModelConfigError(
+                    f"quantizer width {spec.quantizer.width} does not match the Whisper "
+                    f"model width {width} ({spec.whisper_name})"
+                )
+            qpath = spec.quantizer_path()
+            self.quantizer = load_quantizer(str(qpath), spec.quantizer).to(self.device)
+            self.quantizer_source = str(qpath)
+        self.decoder = BatchDecoder(self.whisper, self.tokenizer, spec.decoding)
+        self.n_mels = self.whisper.config.num_mel_bins
+        # Upstream Ichigo pads the log-mel with -1.5; plain Whisper pads it with zeros.
+        self.mel_pad_value = -1.5 if spec.is_ichigo else 0.0
+
+    @cached_property
+    def provenance(self) -> dict[str, Any]:
+        """What produced a result: preset, weight sources and their hashes."""
+        info: dict[str, Any] = {"preset": self.spec.name, "whisper": self.whisper_source}
+        if self.quantizer_source:
+            info["quantizer"] = self.quantizer_source
+            info["quantizer_sha256"] = _sha256(Path(self.quantizer_source))
+        src = Path(self.whisper_source)
+        if src.is_file():
+            info["whisper_sha256"] = _sha256(src)
+        return info
+
+    def features(self, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return log_mel_batch(chunks, self.n_mels, self.mel_pad_value, self.device)
+
+    @torch.inference_mode()
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        """Encoder output [B, 1500, width] of log-mel [B, n_mels, 3000]."""
+        out = self.whisper.model.encoder(mel.to(self.device, self.dtype))
+        return out.last_hidden_state
+
+    def sound_tokens(self, embs: torch.Tensor, n_frames: torch.Tensor) -> list[torch.Tensor]:
+        if self.quantizer is None:
+            raise ModelConfigError(f"{self.spec.name} is a plain Whisper model: no sound tokens")
+        return [t.cpu() for t in self.quantizer.quantize(embs.float(), n_frames)]
+
+    def dequantize(self, stoks: list[torch.Tensor]) -> torch.Tensor:
+        if self.quantizer is None:
+            raise ModelConfigError(f"{self.spec.name} is a plain Whisper model: no sound tokens")
+        for seq in stoks:
+            if seq.numel() and (int(seq.min()) < 0 or int(seq.max()) >= self.quantizer.config.codebook_size):
+                raise ValueError(
+                    f"sound token id out of range 0..{self.quantizer.config.codebook_size - 1}"
+                )
+        return self.quantizer.dequantize(stoks).to(self.dtype)
+
+    def decode(self, audio_features: torch.Tensor) -> list[Decoded]:
+        return self.decoder.decode(audio_features.to(self.dtype))
