@@ -14,8 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .quantizer import FP32LayerNorm
 from .tokenizer import WhisperTokenizer
 
 N_AUDIO_CTX_SECONDS = 30.0
@@ -48,11 +51,75 @@ class Decoded:
     language: str | None
 
 
-class BatchDecoder:
-    """Greedy decoding of a batch of audio features [B, 1500, width] in one loop."""
+ATTENTION = "ichigo_whisper_sdpa"
 
-    def __init__(self, model, tokenizer: WhisperTokenizer, options: DecodingOptions):
+
+def _whisper_layout_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
+    """SDPA called on tensors laid out as openai-whisper lays them out.
+
+    Keys and values get whisper's strides ([B, T, H, d] memory viewed as [B, H, T, d]) and the
+    query its scale inside the kernel: CPU attention kernels round differently for other
+    layouts, and half-precision decoding must not drift from upstream's by one ulp.
+    """
+    if scaling == 1.0:  # transformers pre-scaled the query; undo it (exact for head_dim 64)
+        query = query * query.shape[-1] ** 0.5
+    key = key.transpose(1, 2).contiguous().transpose(1, 2)
+    value = value.transpose(1, 2).contiguous().transpose(1, 2)
+    is_causal = attention_mask is None and query.shape[2] > 1 and module.is_causal
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, is_causal=is_causal
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, _whisper_layout_sdpa)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def _to_dtype_keeping_fp32_layer_norms(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``module`` to ``dtype`` except its LayerNorms, which keep float32 weights and compute
+    in float32 on a float32 copy of their input before casting back (openai-whisper's
+    LayerNorm). Weights never round-trip through ``dtype``."""
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.LayerNorm):
+            sub.__class__ = FP32LayerNorm
+            continue
+        for p in sub.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+        for name, buf in sub.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point():
+                sub._buffers[name] = buf.to(dtype)
+
+
+class BatchDecoder:
+    """Greedy decoding of a batch of audio features [B, 1500, width] in one loop.
+
+    Runs the transformers decoder in ``dtype`` the way openai-whisper does: token and position
+    embeddings summed in float32 then cast, layer norms in float32, linear layers and
+    attention in ``dtype``, logits against the token embedding cast to ``dtype``, decoding
+    rules in float32. Upstream Ichigo decodes in float16 (its DecodingOptions default), on CPU
+    as well.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer: WhisperTokenizer,
+        options: DecodingOptions,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.model = model  # transformers WhisperForConditionalGeneration
+        self.dtype = dtype
+        decoder = model.model.decoder
+        # float32 copies of the embeddings; the model's own position table is zeroed because
+        # the embeddings are summed here (in float32) and passed in as ``inputs_embeds``.
+        self.token_embedding = decoder.embed_tokens.weight.detach().float().clone()
+        self.positional_embedding = decoder.embed_positions.weight.detach().float().clone()
+        _to_dtype_keeping_fp32_layer_norms(decoder, dtype)
+        model.set_attn_implementation(ATTENTION)
+        with torch.no_grad():
+            decoder.embed_positions.weight.zero_()
+        self.logit_weight = self.token_embedding.to(dtype)
         self.tokenizer = tokenizer
         self.options = options
         self.n_ctx = model.config.max_target_positions
@@ -80,10 +147,17 @@ class BatchDecoder:
         return sorted(set(ids))
 
     def _logits(self, tokens, audio, cache) -> torch.Tensor:
+        offset = cache.get_seq_length() if cache is not None else 0
+        positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
+        embeds = self.token_embedding[tokens] + self.positional_embedding[positions]
         out = self.model.model.decoder(
-            input_ids=tokens, encoder_hidden_states=audio, cache=cache, use_cache=cache is not None
+            inputs_embeds=embeds.to(self.dtype),
+            encoder_hidden_states=audio.to(self.dtype),
+            cache=cache,
+            use_cache=cache is not None,
         )
-        return self.model.proj_out(out.last_hidden_state[:, -1]).float()
+        hidden = out.last_hidden_state[:, -1]
+        return (hidden @ self.logit_weight.T).float()
 
     def detect_language(self, audio: torch.Tensor) -> list[str]:
         """Most likely language of each item from the first decoder step after ``sot``."""

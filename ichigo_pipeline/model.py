@@ -122,6 +122,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ModelConfigError(f"unknown dtype {name!r}: use one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def default_dtypes(spec: ModelSpec, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(encoder, decoder) dtypes that reproduce what upstream computes.
+
+    Upstream Ichigo runs the encoder and quantizer in float32 and decodes in float16 (the
+    openai-whisper DecodingOptions default), on CPU too. openai-whisper's own transcribe uses
+    float16 on GPU and float32 on CPU for both.
+    """
+    if spec.is_ichigo:
+        return torch.float32, torch.float16
+    half = device.type == "cuda"
+    return (torch.float16, torch.float16) if half else (torch.float32, torch.float32)
+
+
 def pick_device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
@@ -131,12 +155,22 @@ def pick_device(device: str | None) -> torch.device:
 class IchigoModel:
     """Whisper encoder -> (quantizer -> de-quantizer) -> Whisper decoder, for padded batches."""
 
-    def __init__(self, spec: ModelSpec, device: str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: str | None = None,
+        encoder_dtype: str | torch.dtype | None = None,
+        decoder_dtype: str | torch.dtype | None = None,
+    ):
         self.spec = spec
         self.device = pick_device(device)
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        enc_default, dec_default = default_dtypes(spec, self.device)
+        env_dec = os.environ.get("ICHIGO_DECODER_DTYPE") or None
+        self.encoder_dtype = parse_dtype(encoder_dtype) or enc_default
+        self.decoder_dtype = parse_dtype(decoder_dtype) or parse_dtype(env_dec) or dec_default
         bundle: WhisperBundle = load_whisper(spec.whisper_name, spec.base_dir)
-        self.whisper = bundle.model.to(self.device, self.dtype)
+        self.whisper = bundle.model.to(self.device)
+        self.whisper.model.encoder.to(self.encoder_dtype)
         self.tokenizer = bundle.tokenizer
         self.whisper_source = bundle.source
         self.quantizer: IchigoQuantizer | None = None
@@ -151,7 +185,7 @@ class IchigoModel:
             qpath = spec.quantizer_path()
             self.quantizer = load_quantizer(str(qpath), spec.quantizer).to(self.device)
             self.quantizer_source = str(qpath)
-        self.decoder = BatchDecoder(self.whisper, self.tokenizer, spec.decoding)
+        self.decoder = BatchDecoder(self.whisper, self.tokenizer, spec.decoding, self.decoder_dtype)
         self.n_mels = self.whisper.config.num_mel_bins
         # Upstream Ichigo pads the log-mel with -1.5; plain Whisper pads it with zeros.
         self.mel_pad_value = -1.5 if spec.is_ichigo else 0.0
@@ -174,7 +208,7 @@ class IchigoModel:
     @torch.inference_mode()
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         """Encoder output [B, 1500, width] of log-mel [B, n_mels, 3000]."""
-        out = self.whisper.model.encoder(mel.to(self.device, self.dtype))
+        out = self.whisper.model.encoder(mel.to(self.device, self.encoder_dtype))
         return out.last_hidden_state
 
     def sound_tokens(self, embs: torch.Tensor, n_frames: torch.Tensor) -> list[torch.Tensor]:
@@ -190,7 +224,7 @@ class IchigoModel:
                 raise ValueError(
                     f"sound token id out of range 0..{self.quantizer.config.codebook_size - 1}"
                 )
-        return self.quantizer.dequantize(stoks).to(self.dtype)
+        return self.quantizer.dequantize(stoks)
 
     def decode(self, audio_features: torch.Tensor) -> list[Decoded]:
-        return self.decoder.decode(audio_features.to(self.dtype))
+        return self.decoder.decode(audio_features)
