@@ -54,22 +54,52 @@ class Decoded:
 ATTENTION = "ichigo_whisper_sdpa"
 
 
-def _whisper_layout_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
-    """SDPA called on tensors laid out as openai-whisper lays them out.
-
-    Keys and values get whisper's strides ([B, T, H, d] memory viewed as [B, H, T, d]) and the
-    query its scale inside the kernel: CPU attention kernels round differently for other
-    layouts, and half-precision decoding must not drift from upstream's by one ulp.
-    """
-    if scaling == 1.0:  # transformers pre-scaled the query; undo it (exact for head_dim 64)
-        query = query * query.shape[-1] ** 0.5
+def _sdpa(query, key, value, mask, is_causal):
+    # keys and values with openai-whisper's strides: [B, T, H, d] memory viewed as [B, H, T, d]
     key = key.transpose(1, 2).contiguous().transpose(1, 2)
     value = value.transpose(1, 2).contiguous().transpose(1, 2)
-    is_causal = attention_mask is None and query.shape[2] > 1 and module.is_causal
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, is_causal=is_causal
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=is_causal
     )
+
+
+def _whisper_layout_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
+    """SDPA called exactly as openai-whisper calls it, one batch item at a time on CPU.
+
+    The query arrives unscaled (see ``use_whisper_attention``) and is scaled inside the kernel;
+    keys and values get whisper's strides. PyTorch's CPU attention kernel splits its work by
+    batch and head across threads, and in half precision a row's result then depends on its
+    place in the batch; upstream runs one chunk at a time, so on CPU each item runs alone (the
+    large matrix products around it stay batched). Otherwise float16 decoding would drift
+    from upstream's by one ulp and flip rare ties.
+    """
+    is_causal = attention_mask is None and query.shape[2] > 1 and module.is_causal
+    batch = query.shape[0]
+    if query.device.type != "cpu" or batch == 1:
+        out = _sdpa(query, key, value, attention_mask, is_causal)
+    else:
+        per_item_mask = attention_mask is not None and attention_mask.shape[0] == batch
+        out = torch.cat([
+            _sdpa(
+                query[i : i + 1], key[i : i + 1], value[i : i + 1],
+                attention_mask[i : i + 1] if per_item_mask else attention_mask, is_causal,
+            )
+            for i in range(batch)
+        ])
     return out.transpose(1, 2).contiguous(), None
+
+
+def use_whisper_attention(model) -> None:
+    """Switch a transformers Whisper to openai-whisper's attention arithmetic.
+
+    transformers multiplies the query by 1/sqrt(d) before attention; in float16 that pushes
+    small values into subnormals and loses bits. Here the query stays unscaled and the kernel
+    scales it, as openai-whisper does.
+    """
+    for module in model.modules():
+        if hasattr(module, "scaling") and hasattr(module, "q_proj"):
+            module.scaling = 1.0
+    model.set_attn_implementation(ATTENTION)
 
 
 AttentionInterface.register(ATTENTION, _whisper_layout_sdpa)
@@ -116,7 +146,6 @@ class BatchDecoder:
         self.token_embedding = decoder.embed_tokens.weight.detach().float().clone()
         self.positional_embedding = decoder.embed_positions.weight.detach().float().clone()
         _to_dtype_keeping_fp32_layer_norms(decoder, dtype)
-        model.set_attn_implementation(ATTENTION)
         with torch.no_grad():
             decoder.embed_positions.weight.zero_()
         self.logit_weight = self.token_embedding.to(dtype)
