@@ -1,0 +1,72 @@
+"""One settings object per process, read from ``ICHIGO_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+
+def _data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(os.environ.get("ICHIGO_DATA_DIR") or Path(base) / "ichigo-batch")
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+def _roots(raw: str | None) -> tuple[Path, ...]:
+    if not raw:
+        return ()
+    return tuple(Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    broker_url: str
+    result_backend: str
+    allowed_roots: tuple[Path, ...]
+    model: str
+    batch_size: int
+    max_attempts: int
+    lease_seconds: float
+    visibility_timeout: float
+    task_time_limit: float
+    shard_files: int
+    shard_bytes: int
+    api_key: str | None = field(repr=False, default=None)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        data = _data_dir()
+        visibility = _float("ICHIGO_VISIBILITY_TIMEOUT", 6 * 3600)
+        return cls(
+            database_url=os.environ.get("ICHIGO_DATABASE_URL") or f"sqlite:///{data / 'ichigo.db'}",
+            broker_url=os.environ.get("ICHIGO_BROKER_URL") or "redis://127.0.0.1:6379/0",
+            result_backend=os.environ.get("ICHIGO_RESULT_BACKEND") or "redis://127.0.0.1:6379/1",
+            allowed_roots=_roots(os.environ.get("ICHIGO_ALLOWED_ROOTS")),
+            model=os.environ.get("ICHIGO_MODEL") or "ichigo-asr-2501-en",
+            batch_size=_int("ICHIGO_BATCH_SIZE", 8),
+            max_attempts=_int("ICHIGO_MAX_ATTEMPTS", 3),
+            lease_seconds=_float("ICHIGO_LEASE_SECONDS", 300),
+            visibility_timeout=visibility,
+            # a unit of work must end well before the broker re-delivers it
+            task_time_limit=_float("ICHIGO_TASK_TIME_LIMIT", visibility * 0.75),
+            shard_files=_int("ICHIGO_SHARD_FILES", 32),
+            shard_bytes=_int("ICHIGO_SHARD_BYTES", 256 * 1024 * 1024),
+            api_key=os.environ.get("ICHIGO_API_KEY") or None,
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.from_env()

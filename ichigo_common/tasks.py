@@ -1,0 +1,12 @@
+"""Task names and payloads: the contract between producer and workers (enqueue by name)."""
+
+from __future__ import annotations
+
+TRANSCRIBE_SHARD = "ichigo.transcribe_shard"
+BULK_QUEUE = "bulk"
+INTERACTIVE_QUEUE = "interactive"
+
+
+def shard_payload(job_id: str, file_ids: list[int]) -> dict:
+    """Keyword arguments of TRANSCRIBE_SHARD: plain JSON (ids only, never paths)."""
+    return {"job_id": job_id, "file_ids": [int(i) for i in file_ids]}

@@ -1,0 +1,1 @@
+"""Alembic migrations of the ichigo-batch store (applied by ``ichigo db upgrade``)."""

@@ -1,0 +1,181 @@
+"""Processing a unit of work (a shard of files) against the store: the part of a worker that
+is not Celery, shared with in-process ``ichigo transcribe``.
+
+For each claimed file: re-check the path against the allowed roots, hash its content, reuse an
+existing transcript of the same content and model (unless forced), otherwise run the
+remaining files together through the batched pipeline; write each sibling ``.txt``
+atomically, then record the result. A lease is renewed in the background while the unit runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ichigo_common.paths import PathRefused, check_allowed
+from ichigo_common.store.repo import Claim, Store, TranscriptData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UnitReport:
+    done: int = 0
+    reused: int = 0
+    failed: int = 0
+    audio_s: float = 0.0
+
+
+def content_hash(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+class LeaseKeeper:
+    """Renews the leases of a unit's files every ``interval`` seconds until stopped."""
+
+    def __init__(self, store: Store, file_ids: list[int], owner: str, lease_s: float):
+        self.store, self.file_ids, self.owner, self.lease_s = store, file_ids, owner, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ichigo-lease", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(1.0, self.lease_s / 3)):
+            try:
+                self.store.renew(self.file_ids, self.owner, self.lease_s)
+            except Exception as exc:  # noqa: BLE001 - a missed renewal is retried next time
+                log.warning("lease renewal failed: %s", exc)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _txt_path(path: Path, output_dir: str | None) -> Path:
+    from ichigo_pipeline.outputs import sibling_txt
+
+    return sibling_txt(path, output_dir)
+
+
+def process_claims(
+    store: Store,
+    model,  # ichigo_pipeline.model.IchigoModel
+    model_name: str,
+    claims: list[Claim],
+    *,
+    roots: tuple[Path, ...] | None,
+    batch_size: int,
+    output_dir: str | None = None,
+    force: bool = False,
+    on_file: Callable[[UnitReport], None] | None = None,
+    on_result: Callable[[str, dict], None] | None = None,
+) -> UnitReport:
+    """Transcribe claimed files and record every outcome; never raises for one bad file.
+
+    ``on_file(report)`` runs after each file (progress); ``on_result(path, outcome)`` gets a
+    JSON-ready dict per file (path, text, tokens, chunks, duration_s, error, reused).
+    """
+
+    def outcome(path: str, text=None, tokens=None, chunks=(), duration=None, error=None,
+                reused=False) -> None:
+        if on_result:
+            on_result(path, {"path": path, "text": text, "tokens": tokens, "chunks": list(chunks),
+                             "duration_s": duration, "error": error, "reused": reused})
+        if on_file:
+            on_file(report)
+
+    from ichigo_pipeline import __version__
+    from ichigo_pipeline.outputs import write_atomic
+    from ichigo_pipeline.pipeline import BatchPipeline
+
+    report = UnitReport()
+    todo: dict[str, tuple[Claim, str, int]] = {}
+    first_of: dict[str, str] = {}  # content hash -> path transcribed for it in this unit
+    copies: dict[str, list[tuple[Claim, Path, int]]] = {}  # same content again in this unit
+    for claim in claims:
+        try:
+            path = check_allowed(claim.path, roots) if roots is not None else Path(claim.path)
+            digest, size = content_hash(path)
+        except PathRefused as exc:
+            store.record_failure(claim.id, f"refused: {exc}")
+            report.failed += 1
+            outcome(claim.path, error=f"refused: {exc}")
+            continue
+        except OSError as exc:
+            reason = f"{claim.path}: {exc.strerror or exc}"
+            store.record_failure(claim.id, reason)
+            report.failed += 1
+            outcome(claim.path, error=reason)
+            continue
+        existing = None if force else store.find_transcript(digest, model_name)
+        if existing is not None:
+            write_atomic(_txt_path(path, output_dir), existing.text + "\n")
+            store.record_reuse(claim.id, existing, size)
+            report.reused += 1
+            report.audio_s += existing.duration_s
+            outcome(str(path), existing.text, existing.tokens, existing.chunks.get("chunks", []),
+                    existing.duration_s, reused=True)
+            continue
+        if digest in first_of:
+            copies.setdefault(first_of[digest], []).append((claim, path, size))
+            continue
+        first_of[digest] = str(path)
+        todo[str(path)] = (claim, digest, size)
+
+    provenance = dict(model.provenance, package_version=__version__,
+                      chunking={"chunk_s": 20.0, "overlap_s": 1.0, "window_s": 0.1})
+    pipeline = BatchPipeline(model, batch_size=batch_size)
+    for result in pipeline.run(list(todo)):
+        claim, digest, size = todo[result.path]
+        if result.ok:
+            write_atomic(_txt_path(Path(result.path), output_dir), result.text + "\n")
+            store.record_result(claim.id, TranscriptData(
+                model=model_name, content_hash=digest, text=result.text, tokens=result.tokens,
+                chunks=[c.to_json() for c in result.chunks], duration_s=result.duration_s,
+                processing_s=result.processing_s, provenance=provenance,
+            ), size)
+            report.done += 1
+            report.audio_s += result.duration_s
+            outcome(result.path, result.text, result.tokens, [c.to_json() for c in result.chunks],
+                    result.duration_s)
+        else:
+            store.record_failure(claim.id, result.error or "unknown error")
+            report.failed += 1
+            outcome(result.path, error=result.error)
+        _settle_copies(store, model_name, digest, copies.pop(result.path, []), result, output_dir,
+                       report, outcome)
+    return report
+
+
+def _settle_copies(store, model_name, digest, copies, result, output_dir, report, outcome) -> None:
+    """Files with the same content as ``result``'s, met in the same unit: share its outcome."""
+    from ichigo_pipeline.outputs import write_atomic
+
+    if not copies:
+        return
+    transcript = store.find_transcript(digest, model_name) if result.ok else None
+    for claim, path, size in copies:
+        if transcript is None:
+            store.record_failure(claim.id, result.error or "unknown error")
+            report.failed += 1
+            outcome(str(path), error=result.error)
+            continue
+        write_atomic(_txt_path(path, output_dir), transcript.text + "\n")
+        store.record_reuse(claim.id, transcript, size)
+        report.reused += 1
+        report.audio_s += transcript.duration_s
+        outcome(str(path), transcript.text, transcript.tokens,
+                transcript.chunks.get("chunks", []), transcript.duration_s, reused=True)
