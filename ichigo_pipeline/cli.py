@@ -98,11 +98,8 @@ def _add_models_parser(sub) -> None:
     imp.set_defaults(func=_models_import_ct2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ichigo", description="Batch transcription with Ichigo-ASR")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub) -> None:
+    """Add ``transcribe`` and ``models`` to an ``ichigo`` subparsers object."""
     tr = sub.add_parser("transcribe", help="transcribe files or folders in this process")
     tr.add_argument("paths", nargs="+", help="audio files or folders")
     tr.add_argument("--model", "-m", default=None, help="preset name or upstream-style .yaml")
@@ -115,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     tr.set_defaults(func=_transcribe)
     _add_models_parser(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The pipeline-only command line (``python -m ichigo_pipeline.cli``; no store)."""
+    parser = argparse.ArgumentParser(prog="ichigo", description="Batch transcription with Ichigo-ASR")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    register(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
