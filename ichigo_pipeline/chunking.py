@@ -60,7 +60,10 @@ def _quietest_window(magnitude: np.ndarray, start: int, end: int) -> int:
     return best_idx
 
 
-def split_spans(wav: torch.Tensor, params: ChunkingParams = ChunkingParams()) -> list[Span]:
+DEFAULT_CHUNKING = ChunkingParams()
+
+
+def split_spans(wav: torch.Tensor, params: ChunkingParams = DEFAULT_CHUNKING) -> list[Span]:
     """Chunk boundaries of a 1-D 16 kHz waveform."""
     n = int(wav.shape[-1])
     chunk = int(params.chunk_s * SAMPLE_RATE)

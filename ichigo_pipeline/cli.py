@@ -23,7 +23,10 @@ def _transcribe(args: argparse.Namespace) -> int:
     model = get_model(args.model, args.device)
     total_s = sum(probe_duration(p) or 0.0 for p in paths)
     bar = tqdm(
-        total=round(total_s, 1), unit="audio s", file=sys.stderr, disable=args.quiet,
+        total=round(total_s, 1),
+        unit="audio s",
+        file=sys.stderr,
+        disable=args.quiet,
         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio s [{elapsed}<{remaining}]",
     )
     start = time.perf_counter()
@@ -31,7 +34,11 @@ def _transcribe(args: argparse.Namespace) -> int:
     audio_s = 0.0
     on_batch = (lambda s: bar.update(round(s, 1))) if not args.quiet else None
     for result in run_files(
-        paths, model, args.batch_size, write_txt=not args.no_txt, output_dir=args.output_dir,
+        paths,
+        model,
+        args.batch_size,
+        write_txt=not args.no_txt,
+        output_dir=args.output_dir,
         on_batch=on_batch,
     ):
         audio_s += result.duration_s
@@ -91,7 +98,10 @@ def _add_models_parser(sub) -> None:
     imp.add_argument("src", help="folder with model.bin (or model.bin.part*), tokenizer.json")
     imp.add_argument("dest", help="new folder to write (a Hugging Face Whisper directory)")
     imp.add_argument(
-        "--parts-from", action="append", default=[], metavar="DIR",
+        "--parts-from",
+        action="append",
+        default=[],
+        metavar="DIR",
         help="another folder holding model.bin.part<N> files (repeatable)",
     )
     imp.add_argument("--force", action="store_true", help="replace DEST if it exists")
@@ -116,23 +126,30 @@ def register(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The pipeline-only command line (``python -m ichigo_pipeline.cli``; no store)."""
-    parser = argparse.ArgumentParser(prog="ichigo", description="Batch transcription with Ichigo-ASR")
+    parser = argparse.ArgumentParser(
+        prog="ichigo", description="Batch transcription with Ichigo-ASR"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     register(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse, configure logging, dispatch; user errors become one line on stderr, exit 2."""
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as exc:
         print(f"ichigo: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

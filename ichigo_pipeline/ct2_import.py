@@ -285,10 +285,19 @@ _TOP_MAP = {
 # Scalars checked by _check_scalars, used only by CTranslate2's own alignment code, or
 # meaningless without ALiBi (newer converters write the last two).
 _KNOWN_SCALARS = {
-    "decoder/activation", "decoder/pre_norm", "decoder/alibi", "decoder/scale_embeddings",
-    "decoder/start_from_zero_embedding", "decoder/num_heads", "decoder/alignment_heads",
-    "decoder/alignment_layer", "encoder/activation", "encoder/pre_norm", "encoder/num_heads",
-    "decoder/scale_alibi", "decoder/alibi_use_positive_positions",
+    "decoder/activation",
+    "decoder/pre_norm",
+    "decoder/alibi",
+    "decoder/scale_embeddings",
+    "decoder/start_from_zero_embedding",
+    "decoder/num_heads",
+    "decoder/alignment_heads",
+    "decoder/alignment_layer",
+    "encoder/activation",
+    "encoder/pre_norm",
+    "encoder/num_heads",
+    "decoder/scale_alibi",
+    "decoder/alibi_use_positive_positions",
 }
 _LEAF = {"gamma": "weight", "beta": "bias", "weight": "weight", "bias": "bias"}
 _LAYER_RE = re.compile(r"(encoder|decoder)/layer_(\d+)/(.+)/(gamma|beta|weight|bias)")
@@ -327,7 +336,8 @@ def _map_layer_variable(name: str, array: np.ndarray) -> list[tuple[str, np.ndar
 
 def _check_quantization(model: Ct2Model) -> None:
     quantized = sorted(
-        name for name, var in model.variables.items()
+        name
+        for name, var in model.variables.items()
         if var.dtype in ("int8", "int16") and name.endswith("weight")
     )
     scales = sorted(name for name in model.variables if name.endswith("_scale"))
@@ -458,10 +468,17 @@ def complete_tokenizer_json(tok: dict, vocab_size: int, vocabulary: list[str] | 
                 f"has {vocab_size} entries ({N_TIMESTAMPS} timestamps): cannot line them up"
             )
         for i, content in enumerate(_timestamp_tokens()):
-            tok["added_tokens"].append({
-                "id": first_ts + i, "content": content, "single_word": False, "lstrip": False,
-                "rstrip": False, "normalized": False, "special": False,
-            })
+            tok["added_tokens"].append(
+                {
+                    "id": first_ts + i,
+                    "content": content,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": False,
+                }
+            )
             id_to_token[first_ts + i] = content
     if sorted(id_to_token) != list(range(vocab_size)):
         raise Ct2ImportError(
@@ -470,9 +487,7 @@ def complete_tokenizer_json(tok: dict, vocab_size: int, vocabulary: list[str] | 
         )
     if vocabulary is not None:
         if len(vocabulary) != vocab_size:
-            raise Ct2ImportError(
-                f"vocabulary has {len(vocabulary)} tokens, the model {vocab_size}"
-            )
+            raise Ct2ImportError(f"vocabulary has {len(vocabulary)} tokens, the model {vocab_size}")
         bad = [i for i in range(vocab_size) if id_to_token[i] != vocabulary[i]]
         if bad:
             raise Ct2ImportError(
@@ -502,8 +517,7 @@ def _check_our_tokenizer(folder: Path, vocab_size: int, vocabulary: list[str] | 
         for idx in range(vocab_size):
             raw = tokenizer.encoding.decode_single_token_bytes(idx)
             text = (
-                "".join(b2u[b] for b in raw) if idx < len(tokenizer.ranks)
-                else raw.decode("utf-8")
+                "".join(b2u[b] for b in raw) if idx < len(tokenizer.ranks) else raw.decode("utf-8")
             )
             if text != vocabulary[idx] and _SPECIAL_ALIASES.get(vocabulary[idx]) != text:
                 raise Ct2ImportError(
@@ -583,8 +597,10 @@ def _write_tokenizer_files(folder: Path, tok_json: dict, n_mels: int) -> None:
         "processor_class": "WhisperProcessor",
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), "utf-8")
-    special_map = {k: tokenizer_config[k] for k in ("bos_token", "eos_token", "unk_token",
-                                                     "pad_token", "additional_special_tokens")}
+    special_map = {
+        k: tokenizer_config[k]
+        for k in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2), "utf-8")
     preprocessor = {
         "feature_extractor_type": "WhisperFeatureExtractor",

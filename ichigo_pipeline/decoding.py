@@ -79,13 +79,18 @@ def _whisper_layout_sdpa(module, query, key, value, attention_mask, scaling=None
         out = _sdpa(query, key, value, attention_mask, is_causal)
     else:
         per_item_mask = attention_mask is not None and attention_mask.shape[0] == batch
-        out = torch.cat([
-            _sdpa(
-                query[i : i + 1], key[i : i + 1], value[i : i + 1],
-                attention_mask[i : i + 1] if per_item_mask else attention_mask, is_causal,
-            )
-            for i in range(batch)
-        ])
+        out = torch.cat(
+            [
+                _sdpa(
+                    query[i : i + 1],
+                    key[i : i + 1],
+                    value[i : i + 1],
+                    attention_mask[i : i + 1] if per_item_mask else attention_mask,
+                    is_causal,
+                )
+                for i in range(batch)
+            ]
+        )
     return out.transpose(1, 2).contiguous(), None
 
 

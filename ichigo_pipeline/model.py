@@ -33,7 +33,9 @@ DEFAULT_PRESET = "ichigo-asr-2501-en"
 
 def preset_names() -> list[str]:
     folder = resources.files("ichigo_pipeline") / "presets"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class ModelSpec:
         return cls.from_dict(model, yaml.safe_load(text))
 
     def quantizer_path(self) -> Path:
-        """Local path of the quantizer checkpoint, downloading it through the hub cache if needed."""
+        """Local path of the quantizer checkpoint (through the hub cache if not local)."""
         assert self.model_name
         local = Path(self.model_name).expanduser()
         if not local.is_absolute() and self.base_dir is not None:
@@ -220,7 +222,9 @@ class IchigoModel:
         if self.quantizer is None:
             raise ModelConfigError(f"{self.spec.name} is a plain Whisper model: no sound tokens")
         for seq in stoks:
-            if seq.numel() and (int(seq.min()) < 0 or int(seq.max()) >= self.quantizer.config.codebook_size):
+            if seq.numel() and (
+                int(seq.min()) < 0 or int(seq.max()) >= self.quantizer.config.codebook_size
+            ):
                 raise ValueError(
                     f"sound token id out of range 0..{self.quantizer.config.codebook_size - 1}"
                 )

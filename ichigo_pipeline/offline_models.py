@@ -168,10 +168,15 @@ def offline_whisper(name: str) -> Path | None:
 
         log.warning(
             "converting Whisper %s from the CTranslate2 copy in %s into %s (once)",
-            name, OFFLINE_SOURCES[name].pip_spec, dest,
+            name,
+            OFFLINE_SOURCES[name].pip_spec,
+            dest,
         )
         import_ct2(
-            dirs[0], dest, part_dirs=tuple(dirs[1:]), overwrite=True,
+            dirs[0],
+            dest,
+            part_dirs=tuple(dirs[1:]),
+            overwrite=True,
             extra_info={"offline_source": fingerprint},
         )
     return dest
@@ -180,12 +185,25 @@ def offline_whisper(name: str) -> Path | None:
 # --- where weights would come from, without loading anything (for `ichigo models list`) ----
 
 
-# openai-whisper model names (kept equal to whisper_weights.OPENAI_NAMES by a test; that
-# module imports torch, which `ichigo models list` avoids).
-OPENAI_NAMES = frozenset({
-    "tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
-    "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo",
-})
+# openai-whisper model names (here, not in whisper_weights, which imports torch).
+OPENAI_NAMES = frozenset(
+    {
+        "tiny.en",
+        "tiny",
+        "base.en",
+        "base",
+        "small.en",
+        "small",
+        "medium.en",
+        "medium",
+        "large-v1",
+        "large-v2",
+        "large-v3",
+        "large",
+        "large-v3-turbo",
+        "turbo",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -273,7 +291,8 @@ def _preset_texts() -> dict[str, str]:
     folder = resources.files("ichigo_pipeline") / "presets"
     return {
         p.name.removesuffix(".yaml"): p.read_text(encoding="utf-8")
-        for p in folder.iterdir() if p.name.endswith(".yaml")
+        for p in folder.iterdir()
+        if p.name.endswith(".yaml")
     }
 
 
@@ -287,16 +306,19 @@ def preset_sources() -> list[dict]:
         whisper = locate_whisper(str(cfg.get("whisper_name", "")))
         quantizer = (
             locate_quantizer(cfg.get("model_hub"), cfg.get("model_name"))
-            if cfg.get("quantizer") else None
+            if cfg.get("quantizer")
+            else None
         )
-        rows.append({
-            "preset": name,
-            "kind": "ichigo" if quantizer else "whisper",
-            "whisper_name": cfg.get("whisper_name"),
-            "whisper": whisper.description,
-            "whisper_present": whisper.present,
-            "quantizer": quantizer.description if quantizer else None,
-            "quantizer_present": quantizer.present if quantizer else None,
-            "ready": whisper.present and (quantizer is None or quantizer.present),
-        })
+        rows.append(
+            {
+                "preset": name,
+                "kind": "ichigo" if quantizer else "whisper",
+                "whisper_name": cfg.get("whisper_name"),
+                "whisper": whisper.description,
+                "whisper_present": whisper.present,
+                "quantizer": quantizer.description if quantizer else None,
+                "quantizer_present": quantizer.present if quantizer else None,
+                "ready": whisper.present and (quantizer is None or quantizer.present),
+            }
+        )
     return rows

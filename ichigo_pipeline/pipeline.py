@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .audio import SAMPLE_RATE, load_audio
-from .chunking import ChunkingParams, Span, split_spans
+from .chunking import DEFAULT_CHUNKING, ChunkingParams, Span, split_spans
 from .model import IchigoModel
 from .sound_tokens import format_chunks
 
@@ -119,7 +119,7 @@ class BatchPipeline:
         self,
         model: IchigoModel,
         batch_size: int = 8,
-        chunking: ChunkingParams = ChunkingParams(),
+        chunking: ChunkingParams = DEFAULT_CHUNKING,
         decode_text: bool = True,
         io_threads: int = 2,
         pool_batches: int = 4,
@@ -184,8 +184,13 @@ class BatchPipeline:
         has_tokens = self.model.quantizer is not None
         if state.error is not None:
             return FileResult(
-                state.path, "", (), state.duration_s, time.perf_counter() - state.started,
-                has_tokens, state.error,
+                state.path,
+                "",
+                (),
+                state.duration_s,
+                time.perf_counter() - state.started,
+                has_tokens,
+                state.error,
             )
         chunks = tuple(state.results[i] for i in range(len(state.spans)))
         text = " ".join(c.text.strip() for c in chunks if c.text.strip())

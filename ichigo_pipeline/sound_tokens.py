@@ -47,7 +47,7 @@ def parse_token_string(text: str) -> list[list[int]]:
     for match in _SEGMENT.finditer(text):
         if text[pos : match.start()].strip():
             raise TokenStringError(
-                f"unexpected text {text[pos:match.start()][:40]!r} at character {pos}"
+                f"unexpected text {text[pos : match.start()][:40]!r} at character {pos}"
             )
         body = match.group(1)
         ids, inner = [], 0

@@ -49,7 +49,9 @@ def write_hf_vocab(ranks: dict[bytes, int], folder: Path) -> None:
 def write_tiktoken(ranks: dict[bytes, int], path: Path) -> None:
     import base64
 
-    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(ranks.items(), key=lambda x: x[1])]
+    lines = [
+        f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(ranks.items(), key=lambda x: x[1])
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -80,12 +82,28 @@ def openai_state_dict(model: WhisperForConditionalGeneration) -> dict[str, torch
     """The same weights under openai-whisper's names (inverse of the loader's mapping)."""
     hf = model.state_dict()
     out = {}
-    for side, layers in (("encoder", model.config.encoder_layers), ("decoder", model.config.decoder_layers)):
+    for side, layers in (
+        ("encoder", model.config.encoder_layers),
+        ("decoder", model.config.decoder_layers),
+    ):
         names = [
-            "attn.query", "attn.key", "attn.value", "attn.out", "attn_ln", "mlp.0", "mlp.2", "mlp_ln",
+            "attn.query",
+            "attn.key",
+            "attn.value",
+            "attn.out",
+            "attn_ln",
+            "mlp.0",
+            "mlp.2",
+            "mlp_ln",
         ]
         if side == "decoder":
-            names += ["cross_attn.query", "cross_attn.key", "cross_attn.value", "cross_attn.out", "cross_attn_ln"]
+            names += [
+                "cross_attn.query",
+                "cross_attn.key",
+                "cross_attn.value",
+                "cross_attn.out",
+                "cross_attn_ln",
+            ]
         for i in range(layers):
             for n in names:
                 for leaf in ("weight", "bias"):
@@ -94,9 +112,16 @@ def openai_state_dict(model: WhisperForConditionalGeneration) -> dict[str, torch
                     if target in hf:
                         out[key] = hf[target].clone()
     for key in (
-        "encoder.conv1.weight", "encoder.conv1.bias", "encoder.conv2.weight", "encoder.conv2.bias",
-        "encoder.positional_embedding", "encoder.ln_post.weight", "encoder.ln_post.bias",
-        "decoder.positional_embedding", "decoder.token_embedding.weight", "decoder.ln.weight",
+        "encoder.conv1.weight",
+        "encoder.conv1.bias",
+        "encoder.conv2.weight",
+        "encoder.conv2.bias",
+        "encoder.positional_embedding",
+        "encoder.ln_post.weight",
+        "encoder.ln_post.bias",
+        "decoder.positional_embedding",
+        "decoder.token_embedding.weight",
+        "decoder.ln.weight",
         "decoder.ln.bias",
     ):
         out[key] = hf[openai_key_to_hf(key)].clone()
@@ -141,7 +166,9 @@ def build_tiny_ichigo(
 
     head_width = 64
     qcfg = QuantizerConfig(
-        n_head=dims.n_audio_state // head_width, head_width=head_width, vq_codes=vq_codes,
+        n_head=dims.n_audio_state // head_width,
+        head_width=head_width,
+        vq_codes=vq_codes,
         mask_code=mask_code,
     )
     torch.manual_seed(seed + 1)
@@ -156,12 +183,26 @@ def build_tiny_ichigo(
         "whisper_name": "whisper-hf",
         "s2r": None,
         "quantizer": {
-            "n_head": qcfg.n_head, "head_width": head_width, "ffn_mult": 4, "depth": 1,
-            "q_depth": 1, "downsample": 2, "vq_codes": vq_codes, "mask_code": mask_code,
-            "num_quantizers": 1, "codebook_dim": 64, "codebook_decay": 0.99,
-            "commitment_weight": 1.0, "threshold_ema_dead_code": 0, "query_mult": 2,
-            "use_cosine_sim": True, "no_quantize": False, "rope": True, "mask_embs": True,
-            "downsample_conv": False, "downsample_mean": True,
+            "n_head": qcfg.n_head,
+            "head_width": head_width,
+            "ffn_mult": 4,
+            "depth": 1,
+            "q_depth": 1,
+            "downsample": 2,
+            "vq_codes": vq_codes,
+            "mask_code": mask_code,
+            "num_quantizers": 1,
+            "codebook_dim": 64,
+            "codebook_decay": 0.99,
+            "commitment_weight": 1.0,
+            "threshold_ema_dead_code": 0,
+            "query_mult": 2,
+            "use_cosine_sim": True,
+            "no_quantize": False,
+            "rope": True,
+            "mask_embs": True,
+            "downsample_conv": False,
+            "downsample_mean": True,
         },
         "r2t": {"decoding_options": decoding_options or {"task": "transcribe", "language": "en"}},
     }

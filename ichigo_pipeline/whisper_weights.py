@@ -25,6 +25,7 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from .decoding import use_whisper_attention
 from .errors import ModelNotFoundError
+from .offline_models import OPENAI_NAMES
 from .tokenizer import (
     WhisperTokenizer,
     ranks_from_hf_dir,
@@ -34,10 +35,6 @@ from .tokenizer import (
 
 log = logging.getLogger(__name__)
 
-OPENAI_NAMES = {
-    "tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
-    "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo",
-}
 _HUB_FILES = ["config.json", "*.safetensors", "vocab.json", "tokenizer.json", "merges.txt"]
 
 

@@ -336,9 +336,7 @@ def test_models_list_without_torch(offline_cache, tiny_src):
     rows = [json.loads(line) for line in out]
     assert rows[-1] == {"torch": False}
     from ichigo_pipeline.model import preset_names
-    from ichigo_pipeline.whisper_weights import OPENAI_NAMES
 
-    assert offline_models.OPENAI_NAMES == OPENAI_NAMES
     by_name = {r["preset"]: r for r in rows[:-1]}
     assert sorted(by_name) == preset_names()
     tiny = by_name["whisper-tiny.en"]
@@ -351,22 +349,6 @@ def test_models_list_without_torch(offline_cache, tiny_src):
 # --- WER against faster-whisper on the same weights ------------------------------------------
 
 
-def english_normalizer():
-    """Whisper's English normalizer (transformers' port); spelling map from openai-whisper's
-    english.json when installed (read as a file: importing whisper pulls numba)."""
-    import importlib.util
-
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
-    mapping = {}
-    spec = importlib.util.find_spec("whisper")
-    if spec and spec.submodule_search_locations:
-        path = Path(next(iter(spec.submodule_search_locations))) / "normalizers" / "english.json"
-        if path.exists():
-            mapping = json.loads(path.read_text())
-    return EnglishTextNormalizer(mapping)
-
-
 @pytest.mark.slow
 @pytest.mark.realspeech
 def test_wer_matches_faster_whisper(offline_cache, tiny_src, speech_dir):
@@ -376,6 +358,8 @@ def test_wer_matches_faster_whisper(offline_cache, tiny_src, speech_dir):
 
     rows = [r for r in read_manifest(speech_dir) if r["language"] == "en"]
     paths = [speech_dir / r["file"] for r in rows]
+    from ichigo_pipeline.evaluation import english_normalizer
+
     norm = english_normalizer()
     refs = [norm(r["reference_text"]) for r in rows]
 

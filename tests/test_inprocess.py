@@ -16,8 +16,14 @@ from .conftest import speech_like, write_wav
 
 
 def _run(args, env):
-    proc = subprocess.run([sys.executable, "-m", "ichigo_common.cli", "transcribe", *args],
-                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ichigo_common.cli", "transcribe", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
 

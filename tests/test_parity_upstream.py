@@ -9,10 +9,6 @@ must be identical, the de-quantized embeddings equal to float precision, and the
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +20,15 @@ from ichigo_pipeline.model import IchigoModel, ModelSpec
 from ichigo_pipeline.pipeline import BatchPipeline
 from ichigo_pipeline.tokenizer import ranks_from_tiktoken_file
 
-from .conftest import REPO, read_manifest
+from .conftest import read_manifest
+from .oracle.client import run_oracle, setup_oracle
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def oracle_dir() -> Path:
-    proc = subprocess.run(
-        ["bash", str(REPO / "tests/oracle/setup_oracle.sh"), sys.executable],
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert proc.returncode == 0, f"oracle setup failed:\n{proc.stderr[-3000:]}"
-    return Path(proc.stdout.strip().splitlines()[-1])
+    return setup_oracle()
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +65,7 @@ def _tiny_model(folder: Path, oracle_dir: Path, options: dict) -> Path:
 
 
 def _run_oracle(oracle_dir: Path, config: Path, audio: list[Path], out: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(oracle_dir), ORACLE_THREADS="2")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests/oracle/run_upstream.py"), "--config", str(config),
-         "--quantizer", str(config.parent / "quantizer.pth"),
-         "--whisper", str(config.parent / "whisper.pt"), "--out", str(out), *map(str, audio)],
-        capture_output=True, text=True, timeout=1500, env=env, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    data = run_oracle(oracle_dir, config, audio, out)
     assert data["quantizer_load"] == {"missing": [], "unexpected": []}, data["quantizer_load"]
     assert data["versions"]["vector_quantize_pytorch"] == "1.6.22"
     return data
@@ -125,5 +109,7 @@ def test_upstream_checkpoint_format_loads_whatever_vq_release(oracle_dir, tmp_pa
     state = torch.load(config.parent / "quantizer.pth", weights_only=True)["state_dict"]
     assert "model.rq.layers.0.project_in.weight" in state  # 1.6.x naming
     model = IchigoModel(ModelSpec.resolve(str(config)), device="cpu")
-    assert torch.equal(model.quantizer.rq.project_in.weight, state["model.rq.layers.0.project_in.weight"])
+    assert torch.equal(
+        model.quantizer.rq.project_in.weight, state["model.rq.layers.0.project_in.weight"]
+    )
     yaml.safe_load(config.read_text())

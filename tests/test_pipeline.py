@@ -39,8 +39,10 @@ def test_batched_equals_unbatched(tiny_en_model, mixed_audio):
 def test_features_match_per_item_reference():
     """Batched log-mel equals openai-whisper's recipe computed item by item."""
     rng = np.random.default_rng(1)
-    chunks = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * s
-              for n, s in ((16000, 0.1), (48000 + 77, 0.5), (3200, 1.0))]
+    chunks = [
+        torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * s
+        for n, s in ((16000, 0.1), (48000 + 77, 0.5), (3200, 1.0))
+    ]
     mel, n_frames = log_mel_batch(chunks, 80)
     filters = torch.from_numpy(mel_filterbank(80))
     for i, wav in enumerate(chunks):
@@ -215,9 +217,22 @@ def test_cli_json_lines(tiny_en_yaml, tmp_path):
     write_wav(tmp_path / "b.wav", speech_like(25.0, seed=5))
     (tmp_path / "bad.wav").write_bytes(b"RIFF")
     proc = subprocess.run(
-        [sys.executable, "-m", "ichigo_pipeline.cli", "transcribe", str(tmp_path),
-         "--model", str(tiny_en_yaml), "--json", "--batch-size", "4"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "ichigo_pipeline.cli",
+            "transcribe",
+            str(tmp_path),
+            "--model",
+            str(tiny_en_yaml),
+            "--json",
+            "--batch-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     rows = {Path(r["path"]).name: r for r in map(json.loads, proc.stdout.splitlines())}

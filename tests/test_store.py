@@ -56,14 +56,25 @@ def store(request, tmp_path):
 
 
 def _data(text="hello", digest="ab" * 32) -> TranscriptData:
-    return TranscriptData(model="m", content_hash=digest, text=text, tokens=None, chunks=[],
-                          duration_s=1.5, processing_s=0.1, provenance={"preset": "m"})
+    return TranscriptData(
+        model="m",
+        content_hash=digest,
+        text=text,
+        tokens=None,
+        chunks=[],
+        duration_s=1.5,
+        processing_s=0.1,
+        provenance={"preset": "m"},
+    )
 
 
 def _job_with_files(store: Store, n: int) -> tuple[str, list[int]]:
     job = store.create_job(source="api", model="m")
-    ids = [fid for batch in store.add_files(job, ({"path": f"/a/{i}.wav"} for i in range(n)), batch=7)
-           for fid, _ in batch]
+    ids = [
+        fid
+        for batch in store.add_files(job, ({"path": f"/a/{i}.wav"} for i in range(n)), batch=7)
+        for fid, _ in batch
+    ]
     return job, ids
 
 
@@ -89,8 +100,11 @@ def test_claims_are_exclusive_under_concurrency(store):
     # a live lease is respected; an expired one is taken over, counting the attempt
     assert store.claim(ids[:5], "late", 300, 3)[0] == []
     with store.session() as s:
-        s.execute(update(File).where(File.id.in_(ids[:5]))
-                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.execute(
+            update(File)
+            .where(File.id.in_(ids[:5]))
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
     retaken, _ = store.claim(ids[:5], "late", 300, 3)
     assert [c.attempts for c in retaken] == [2] * 5
 
@@ -130,7 +144,9 @@ def test_results_are_idempotent_and_dedupe_finds_them(store):
 
 def test_cancel_and_callback_once(store):
     job = store.create_job(source="api", model="m", callback_url="http://127.0.0.1:9/cb")
-    ids = [fid for b in store.add_files(job, ({"path": f"/x/{i}"} for i in range(5))) for fid, _ in b]
+    ids = [
+        fid for b in store.add_files(job, ({"path": f"/x/{i}"} for i in range(5))) for fid, _ in b
+    ]
     store.claim(ids[:2], "w", 300, 3)
     assert store.cancel_job(job) == 3
     assert store.job_counts(job)["files"] == {"running": 2, "cancelled": 3}
@@ -153,11 +169,18 @@ def test_sqlite_is_safe_under_several_processes(tmp_path):
         "for i in range(0, len(ids), 5):\n"
         "    claimed, _ = s.claim(ids[i:i+5], sys.argv[3], 300, 3)\n"
         "    for c in claimed:\n"
-        "        s.record_result(c.id, TranscriptData('m', f'{c.id:064d}', 't', None, [], 1.0, 0.1, {}))\n"
+        "        data = TranscriptData('m', f'{c.id:064d}', 't', None, [], 1.0, 0.1, {})\n"
+        "        s.record_result(c.id, data)\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, url, ",".join(map(str, ids)), f"p{i}"],
-                              env=dict(os.environ), stderr=subprocess.PIPE, text=True)
-             for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, url, ",".join(map(str, ids)), f"p{i}"],
+            env=dict(os.environ),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     with store.session() as s:

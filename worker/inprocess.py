@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
     store = _prepare_store(settings.database_url)
     model_name = ModelSpec.resolve(args.model or settings.model).name
     model = get_model(model_name, args.device)
-    job_id = store.create_job(source="cli", model=model_name, options={"force": args.force},
-                              output_dir=args.output_dir)
+    job_id = store.create_job(
+        source="cli", model=model_name, options={"force": args.force}, output_dir=args.output_dir
+    )
     owner = f"{socket.gethostname()}:{os.getpid()}:cli"
     bar = tqdm(total=len(paths), unit="file", file=sys.stderr, disable=args.quiet)
     start = time.perf_counter()
@@ -61,8 +62,14 @@ def run(args: argparse.Namespace) -> int:
         ids = [fid for fid, _ in batch]
         claims, exhausted = store.claim(ids, owner, settings.lease_seconds, 10**6)
         report = process_claims(
-            store, model, model_name, claims, roots=None, batch_size=args.batch_size,
-            output_dir=args.output_dir, force=args.force,
+            store,
+            model,
+            model_name,
+            claims,
+            roots=None,
+            batch_size=args.batch_size,
+            output_dir=args.output_dir,
+            force=args.force,
             on_result=lambda path, outcome: (_emit(args, path, outcome), bar.update(1)),
         )
         for key in ("done", "reused", "failed"):
@@ -86,8 +93,12 @@ def register(sub) -> None:
     from ichigo_pipeline.cli import _transcribe
 
     parser = sub.choices["transcribe"]
-    parser.add_argument("--force", action="store_true",
-                        help="transcribe again even if the same content was done with this model")
-    parser.add_argument("--no-store", action="store_true",
-                        help="do not record into the database (pipeline only)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="transcribe again even if the same content was done with this model",
+    )
+    parser.add_argument(
+        "--no-store", action="store_true", help="do not record into the database (pipeline only)"
+    )
     parser.set_defaults(func=lambda a: _transcribe(a) if a.no_store else run(a))

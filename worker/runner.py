@@ -82,18 +82,31 @@ def process_claims(
     force: bool = False,
     on_file: Callable[[UnitReport], None] | None = None,
     on_result: Callable[[str, dict], None] | None = None,
+    extra_provenance: dict | None = None,
 ) -> UnitReport:
     """Transcribe claimed files and record every outcome; never raises for one bad file.
 
     ``on_file(report)`` runs after each file (progress); ``on_result(path, outcome)`` gets a
     JSON-ready dict per file (path, text, tokens, chunks, duration_s, error, reused).
+    ``extra_provenance`` is merged into each new transcript's provenance (e.g. which worker).
     """
 
-    def outcome(path: str, text=None, tokens=None, chunks=(), duration=None, error=None,
-                reused=False) -> None:
+    def outcome(
+        path: str, text=None, tokens=None, chunks=(), duration=None, error=None, reused=False
+    ) -> None:
         if on_result:
-            on_result(path, {"path": path, "text": text, "tokens": tokens, "chunks": list(chunks),
-                             "duration_s": duration, "error": error, "reused": reused})
+            on_result(
+                path,
+                {
+                    "path": path,
+                    "text": text,
+                    "tokens": tokens,
+                    "chunks": list(chunks),
+                    "duration_s": duration,
+                    "error": error,
+                    "reused": reused,
+                },
+            )
         if on_file:
             on_file(report)
 
@@ -126,8 +139,14 @@ def process_claims(
             store.record_reuse(claim.id, existing, size)
             report.reused += 1
             report.audio_s += existing.duration_s
-            outcome(str(path), existing.text, existing.tokens, existing.chunks.get("chunks", []),
-                    existing.duration_s, reused=True)
+            outcome(
+                str(path),
+                existing.text,
+                existing.tokens,
+                existing.chunks.get("chunks", []),
+                existing.duration_s,
+                reused=True,
+            )
             continue
         if digest in first_of:
             copies.setdefault(first_of[digest], []).append((claim, path, size))
@@ -135,28 +154,54 @@ def process_claims(
         first_of[digest] = str(path)
         todo[str(path)] = (claim, digest, size)
 
-    provenance = dict(model.provenance, package_version=__version__,
-                      chunking={"chunk_s": 20.0, "overlap_s": 1.0, "window_s": 0.1})
+    provenance = dict(
+        model.provenance,
+        package_version=__version__,
+        chunking={"chunk_s": 20.0, "overlap_s": 1.0, "window_s": 0.1},
+        **(extra_provenance or {}),
+    )
     pipeline = BatchPipeline(model, batch_size=batch_size)
     for result in pipeline.run(list(todo)):
         claim, digest, size = todo[result.path]
         if result.ok:
             write_atomic(_txt_path(Path(result.path), output_dir), result.text + "\n")
-            store.record_result(claim.id, TranscriptData(
-                model=model_name, content_hash=digest, text=result.text, tokens=result.tokens,
-                chunks=[c.to_json() for c in result.chunks], duration_s=result.duration_s,
-                processing_s=result.processing_s, provenance=provenance,
-            ), size)
+            store.record_result(
+                claim.id,
+                TranscriptData(
+                    model=model_name,
+                    content_hash=digest,
+                    text=result.text,
+                    tokens=result.tokens,
+                    chunks=[c.to_json() for c in result.chunks],
+                    duration_s=result.duration_s,
+                    processing_s=result.processing_s,
+                    provenance=provenance,
+                ),
+                size,
+            )
             report.done += 1
             report.audio_s += result.duration_s
-            outcome(result.path, result.text, result.tokens, [c.to_json() for c in result.chunks],
-                    result.duration_s)
+            outcome(
+                result.path,
+                result.text,
+                result.tokens,
+                [c.to_json() for c in result.chunks],
+                result.duration_s,
+            )
         else:
             store.record_failure(claim.id, result.error or "unknown error")
             report.failed += 1
             outcome(result.path, error=result.error)
-        _settle_copies(store, model_name, digest, copies.pop(result.path, []), result, output_dir,
-                       report, outcome)
+        _settle_copies(
+            store,
+            model_name,
+            digest,
+            copies.pop(result.path, []),
+            result,
+            output_dir,
+            report,
+            outcome,
+        )
     return report
 
 
@@ -177,5 +222,11 @@ def _settle_copies(store, model_name, digest, copies, result, output_dir, report
         store.record_reuse(claim.id, transcript, size)
         report.reused += 1
         report.audio_s += transcript.duration_s
-        outcome(str(path), transcript.text, transcript.tokens,
-                transcript.chunks.get("chunks", []), transcript.duration_s, reused=True)
+        outcome(
+            str(path),
+            transcript.text,
+            transcript.tokens,
+            transcript.chunks.get("chunks", []),
+            transcript.duration_s,
+            reused=True,
+        )

@@ -73,13 +73,29 @@ class Store:
 
     # -- jobs and files ---------------------------------------------------------------
 
-    def create_job(self, *, source: str, model: str, options: dict | None = None,
-                   name: str | None = None, priority: int = 0, output_dir: str | None = None,
-                   callback_url: str | None = None, state: str = "queued") -> str:
+    def create_job(
+        self,
+        *,
+        source: str,
+        model: str,
+        options: dict | None = None,
+        name: str | None = None,
+        priority: int = 0,
+        output_dir: str | None = None,
+        callback_url: str | None = None,
+        state: str = "queued",
+    ) -> str:
         with self.session() as s:
-            job = Job(source=source, model=model, options=options or {}, name=name,
-                      priority=priority, output_dir=output_dir, callback_url=callback_url,
-                      state=state)
+            job = Job(
+                source=source,
+                model=model,
+                options=options or {},
+                name=name,
+                priority=priority,
+                output_dir=output_dir,
+                callback_url=callback_url,
+                state=state,
+            )
             s.add(job)
             s.flush()
             return job.id
@@ -93,14 +109,17 @@ class Store:
                 values["finished_at"] = utcnow()
             s.execute(update(Job).where(Job.id == job_id).values(**values))
 
-    def add_files(self, job_id: str, rows: Iterable[dict[str, Any]], batch: int = 1000,
-                  state: str = "queued") -> Iterator[list[tuple[int, int | None]]]:
+    def add_files(
+        self, job_id: str, rows: Iterable[dict[str, Any]], batch: int = 1000, state: str = "queued"
+    ) -> Iterator[list[tuple[int, int | None]]]:
         """Insert files (dicts with ``path`` and optional ``size``) in batches, yielding each
         batch's ``(file_id, size)`` as it is committed, so huge jobs stream in bounded memory."""
         for chunk in _batched(rows, batch):
             with self.session() as s:
-                objs = [File(job_id=job_id, path=r["path"], size=r.get("size"), state=state)
-                        for r in chunk]
+                objs = [
+                    File(job_id=job_id, path=r["path"], size=r.get("size"), state=state)
+                    for r in chunk
+                ]
                 s.add_all(objs)
                 s.flush()
                 ids = [(o.id, o.size) for o in objs]
@@ -115,12 +134,18 @@ class Store:
             q = select(Job).order_by(Job.created_at.desc()).limit(limit).offset(offset)
             return list(s.scalars(q))
 
-    def list_files(self, job_id: str, state: str | None = None, limit: int = 100,
-                   offset: int = 0) -> list[tuple[File, Transcript | None]]:
+    def list_files(
+        self, job_id: str, state: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[tuple[File, Transcript | None]]:
         with self.session() as s:
-            q = (select(File, Transcript)
-                 .outerjoin(Transcript, Transcript.id == File.transcript_id)
-                 .where(File.job_id == job_id).order_by(File.id).limit(limit).offset(offset))
+            q = (
+                select(File, Transcript)
+                .outerjoin(Transcript, Transcript.id == File.transcript_id)
+                .where(File.job_id == job_id)
+                .order_by(File.id)
+                .limit(limit)
+                .offset(offset)
+            )
             if state:
                 q = q.where(File.state == state)
             return [(f, t) for f, t in s.execute(q).all()]
@@ -130,7 +155,8 @@ class Store:
         with self.session() as s:
             rows = s.execute(
                 select(File.state, func.count(), func.coalesce(func.sum(File.duration_s), 0.0))
-                .where(File.job_id == job_id).group_by(File.state)
+                .where(File.job_id == job_id)
+                .group_by(File.state)
             ).all()
         counts = {state: n for state, n, _ in rows}
         seconds = {state: float(sec) for state, _, sec in rows}
@@ -144,38 +170,54 @@ class Store:
     def cancel_job(self, job_id: str) -> int:
         """Cancel every file that has not started; running files finish. Returns how many."""
         with self.session() as s:
-            res = s.execute(update(File).where(File.job_id == job_id,
-                                               File.state.in_(("pending", "queued")))
-                            .values(state="cancelled", finished_at=utcnow()))
-            s.execute(update(Job).where(Job.id == job_id, Job.state.in_(("queued", "running")))
-                      .values(state="cancelled", finished_at=utcnow()))
+            res = s.execute(
+                update(File)
+                .where(File.job_id == job_id, File.state.in_(("pending", "queued")))
+                .values(state="cancelled", finished_at=utcnow())
+            )
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_(("queued", "running")))
+                .values(state="cancelled", finished_at=utcnow())
+            )
             return res.rowcount or 0
 
     def finish_job_if_complete(self, job_id: str) -> bool:
         """Mark the job done when no file is open; True only for the call that did it."""
         with self.session() as s:
-            open_files = s.scalar(select(func.count()).select_from(File).where(
-                File.job_id == job_id, File.state.in_(OPEN_STATES)))
+            open_files = s.scalar(
+                select(func.count())
+                .select_from(File)
+                .where(File.job_id == job_id, File.state.in_(OPEN_STATES))
+            )
             if open_files:
                 return False
-            res = s.execute(update(Job).where(Job.id == job_id, Job.state.in_(("queued", "running")))
-                            .values(state="done", finished_at=utcnow()))
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_(("queued", "running")))
+                .values(state="done", finished_at=utcnow())
+            )
             return bool(res.rowcount)
 
     def take_callback(self, job_id: str) -> str | None:
         """The job's callback URL, once: the first caller gets it, later callers None."""
         with self.session() as s:
-            res = s.execute(update(Job).where(Job.id == job_id, Job.callback_sent.is_(False),
-                                              Job.callback_url.is_not(None))
-                            .values(callback_sent=True))
+            res = s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id, Job.callback_sent.is_(False), Job.callback_url.is_not(None)
+                )
+                .values(callback_sent=True)
+            )
             if not res.rowcount:
                 return None
             return s.scalar(select(Job.callback_url).where(Job.id == job_id))
 
     # -- work units: leases, results ----------------------------------------------------
 
-    def claim(self, file_ids: list[int], owner: str, lease_seconds: float,
-              max_attempts: int) -> tuple[list[Claim], list[Claim]]:
+    def claim(
+        self, file_ids: list[int], owner: str, lease_seconds: float, max_attempts: int
+    ) -> tuple[list[Claim], list[Claim]]:
         """Lease the claimable files among ``file_ids``: queued/pending ones, or running ones
         whose lease expired (their worker died). Files leased by a live worker, or finished,
         are skipped. Returns (claimed, exhausted): exhausted files had already been tried
@@ -183,16 +225,24 @@ class Store:
         now = utcnow()
         claimed, exhausted = [], []
         with self.session() as s:
-            q = (select(File).where(
-                File.id.in_(file_ids),
-                or_(File.state.in_(("pending", "queued")),
-                    (File.state == "running") & (File.lease_expires_at < now)))
-                 .with_for_update(skip_locked=True))
+            q = (
+                select(File)
+                .where(
+                    File.id.in_(file_ids),
+                    or_(
+                        File.state.in_(("pending", "queued")),
+                        (File.state == "running") & (File.lease_expires_at < now),
+                    ),
+                )
+                .with_for_update(skip_locked=True)
+            )
             for f in s.scalars(q):
                 if f.attempts >= max_attempts:
                     f.state, f.finished_at = "failed", now
-                    f.error = (f"gave up after {f.attempts} attempts: the worker processing it "
-                               "died each time")
+                    f.error = (
+                        f"gave up after {f.attempts} attempts: the worker processing it "
+                        "died each time"
+                    )
                     f.lease_owner = f.lease_expires_at = None
                     exhausted.append(Claim(f.id, f.job_id, f.path, f.attempts))
                     continue
@@ -202,48 +252,81 @@ class Store:
                 claimed.append(Claim(f.id, f.job_id, f.path, f.attempts))
             job_ids = {c.job_id for c in claimed}
             if job_ids:
-                s.execute(update(Job).where(Job.id.in_(job_ids), Job.state == "queued")
-                          .values(state="running", started_at=now))
+                s.execute(
+                    update(Job)
+                    .where(Job.id.in_(job_ids), Job.state == "queued")
+                    .values(state="running", started_at=now)
+                )
         return claimed, exhausted
 
     def renew(self, file_ids: list[int], owner: str, lease_seconds: float) -> None:
         with self.session() as s:
-            s.execute(update(File).where(File.id.in_(file_ids), File.lease_owner == owner,
-                                         File.state == "running")
-                      .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
+            s.execute(
+                update(File)
+                .where(File.id.in_(file_ids), File.lease_owner == owner, File.state == "running")
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+            )
 
     def find_transcript(self, content_hash: str, model: str) -> Transcript | None:
         with self.session() as s:
-            return s.scalars(select(Transcript).where(Transcript.content_hash == content_hash,
-                                                      Transcript.model == model)
-                             .order_by(Transcript.id).limit(1)).first()
+            return s.scalars(
+                select(Transcript)
+                .where(Transcript.content_hash == content_hash, Transcript.model == model)
+                .order_by(Transcript.id)
+                .limit(1)
+            ).first()
 
     def _insert_ignore(self, s: Session, values: dict[str, Any]) -> None:
         dialect = sqlite if self.dialect == "sqlite" else postgresql
-        s.execute(dialect.insert(Transcript).values(**values)
-                  .on_conflict_do_nothing(index_elements=["file_id"]))
+        s.execute(
+            dialect.insert(Transcript)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["file_id"])
+        )
 
     def record_result(self, file_id: int, data: TranscriptData, size: int | None = None) -> int:
         """Store the file's transcript (at most one row, whatever the retries) and mark it
         done. Returns the transcript id."""
         with self.session() as s:
-            self._insert_ignore(s, {
-                "file_id": file_id, "model": data.model, "content_hash": data.content_hash,
-                "text": data.text, "tokens": data.tokens, "chunks": {"chunks": data.chunks},
-                "duration_s": data.duration_s, "processing_s": data.processing_s,
-                "provenance": data.provenance, "created_at": utcnow(),
-            })
+            self._insert_ignore(
+                s,
+                {
+                    "file_id": file_id,
+                    "model": data.model,
+                    "content_hash": data.content_hash,
+                    "text": data.text,
+                    "tokens": data.tokens,
+                    "chunks": {"chunks": data.chunks},
+                    "duration_s": data.duration_s,
+                    "processing_s": data.processing_s,
+                    "provenance": data.provenance,
+                    "created_at": utcnow(),
+                },
+            )
             tid = s.scalar(select(Transcript.id).where(Transcript.file_id == file_id))
-            self._close(s, file_id, "done", transcript_id=tid, duration_s=data.duration_s,
-                        content_hash=data.content_hash, size=size)
+            self._close(
+                s,
+                file_id,
+                "done",
+                transcript_id=tid,
+                duration_s=data.duration_s,
+                content_hash=data.content_hash,
+                size=size,
+            )
             return tid
 
     def record_reuse(self, file_id: int, transcript: Transcript, size: int | None = None) -> None:
         """The same content was already transcribed with the same model: point at it."""
         with self.session() as s:
-            self._close(s, file_id, "done", transcript_id=transcript.id,
-                        duration_s=transcript.duration_s, content_hash=transcript.content_hash,
-                        size=size)
+            self._close(
+                s,
+                file_id,
+                "done",
+                transcript_id=transcript.id,
+                duration_s=transcript.duration_s,
+                content_hash=transcript.content_hash,
+                size=size,
+            )
 
     def record_failure(self, file_id: int, error: str, duration_s: float | None = None) -> None:
         with self.session() as s:
@@ -252,16 +335,22 @@ class Store:
     def release(self, file_ids: list[int], owner: str) -> None:
         """Give leased files back (warm shutdown): they are claimable again at once."""
         with self.session() as s:
-            s.execute(update(File).where(File.id.in_(file_ids), File.lease_owner == owner,
-                                         File.state == "running")
-                      .values(state="queued", lease_owner=None, lease_expires_at=None))
+            s.execute(
+                update(File)
+                .where(File.id.in_(file_ids), File.lease_owner == owner, File.state == "running")
+                .values(state="queued", lease_owner=None, lease_expires_at=None)
+            )
 
     @staticmethod
     def _close(s: Session, file_id: int, state: str, **values: Any) -> None:
         values = {k: v for k, v in values.items() if v is not None or k == "error"}
-        s.execute(update(File).where(File.id == file_id, File.state != "done")
-                  .values(state=state, finished_at=utcnow(), lease_owner=None,
-                          lease_expires_at=None, **values))
+        s.execute(
+            update(File)
+            .where(File.id == file_id, File.state != "done")
+            .values(
+                state=state, finished_at=utcnow(), lease_owner=None, lease_expires_at=None, **values
+            )
+        )
 
 
 def file_is_done(store: Store, file_id: int) -> bool:
