@@ -9,6 +9,7 @@ atomically, then record the result. A lease is renewed in the background while t
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import threading
@@ -70,6 +71,17 @@ def _txt_path(path: Path, output_dir: str | None) -> Path:
     return sibling_txt(path, output_dir)
 
 
+def _remove_stale_temps(txt: Path) -> None:
+    """Delete the hidden temp files (``write_atomic``'s ``.<name>.<random>.tmp``) that an
+    earlier attempt killed mid-write left next to ``txt``; only called once that attempt's
+    lease has ended, so no live writer owns them."""
+    try:
+        for tmp in txt.parent.glob(f".{glob.escape(txt.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("could not clean temp files of %s: %s", txt, exc)
+
+
 def process_claims(
     store: Store,
     model,  # ichigo_pipeline.model.IchigoModel
@@ -121,6 +133,8 @@ def process_claims(
     for claim in claims:
         try:
             path = check_allowed(claim.path, roots) if roots is not None else Path(claim.path)
+            if claim.attempts > 1:  # an earlier attempt died: it may have left a temp file
+                _remove_stale_temps(_txt_path(path, output_dir))
             digest, size = content_hash(path)
         except PathRefused as exc:
             store.record_failure(claim.id, f"refused: {exc}")

@@ -1,5 +1,9 @@
-"""Tables. States: job queued|running|done|cancelled; file pending|queued|running|done|failed|
-cancelled."""
+"""Tables.
+
+Job states: expanding (the producer is still adding its files; never finished meanwhile),
+queued, running, done, cancelled, failed (the producer lost the broker while expanding).
+File states: pending, queued, running (leased by a worker), done, failed, cancelled.
+"""
 
 from __future__ import annotations
 

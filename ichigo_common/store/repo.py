@@ -177,7 +177,7 @@ class Store:
             )
             s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state.in_(("queued", "running")))
+                .where(Job.id == job_id, Job.state.in_(("expanding", "queued", "running")))
                 .values(state="cancelled", finished_at=utcnow())
             )
             return res.rowcount or 0
