@@ -52,8 +52,8 @@ def end_expansion(store: Store, job_id: str) -> str | None:
 
 def fail_expansion(store: Store, job_id: str, error: str) -> None:
     """The expansion broke off: cancel what has not started and mark the job failed."""
-    store.cancel_job(job_id)  # files only: the job is still expanding
     transition(store, job_id, (EXPANDING,), "failed", error=error[:2000])
+    store.cancel_job(job_id)  # files only now: a failed job is not cancelled again
 
 
 def cancel(store: Store, job_id: str) -> int:
