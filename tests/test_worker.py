@@ -590,3 +590,52 @@ def test_worker_refuses_to_start_on_an_old_schema_or_without_roots(tmp_path, red
     env["ICHIGO_ALLOWED_ROOTS"] = ""
     proc = _worker_cli(env)
     assert proc.returncode == 2 and "ICHIGO_ALLOWED_ROOTS" in proc.stderr
+
+
+def test_same_content_same_model_is_not_transcribed_again_unless_forced(sqlite_setup, worker1):
+    setup = sqlite_setup
+    client = celery_client(setup.redis.url)
+    first = make_clips(setup.root / "dedupe1", 4, seed=31)
+    job1, ids1 = create_job(setup.store, setup.model, first)
+    enqueue_shards(client, job1, ids1, shard=4)
+    _wait_job(setup, job1, worker1)
+    # the same audio under other names, in a new job: reused, no new transcript rows
+    again = setup.root / "dedupe2"
+    again.mkdir()
+    copies = []
+    for p in first:
+        target = again / f"copy_{p.name}"
+        target.write_bytes(p.read_bytes())
+        copies.append(target)
+    job2, ids2 = create_job(setup.store, setup.model, copies)
+    results = enqueue_shards(client, job2, ids2, shard=4)
+    _wait_job(setup, job2, worker1)
+    summary = results[0].get(timeout=30)
+    assert summary["reused"] == 4 and summary["done"] == 0, summary
+    with setup.store.session() as s:
+        new_rows = s.scalar(
+            select(func.count()).select_from(Transcript).where(Transcript.file_id.in_(ids2))
+        )
+        texts2 = dict(
+            s.execute(select(File.path, File.transcript_id).where(File.id.in_(ids2))).all()
+        )
+        texts1 = set(s.scalars(select(File.transcript_id).where(File.id.in_(ids1))))
+    assert new_rows == 0 and set(texts2.values()) == texts1
+    assert all(p.with_suffix(".txt").exists() for p in copies)
+    # forced: transcribed afresh
+    job3, ids3 = create_job(setup.store, setup.model, copies[:2], options={"force": True})
+    forced = enqueue_shards(client, job3, ids3, shard=2)
+    _wait_job(setup, job3, worker1)
+    assert forced[0].get(timeout=30)["done"] == 2
+
+
+def test_a_cancelled_job_runs_nothing_more(sqlite_setup, worker1):
+    setup = sqlite_setup
+    paths = make_clips(setup.root / "cancel", 6, seed=41)
+    job_id, ids = create_job(setup.store, setup.model, paths)
+    assert setup.store.cancel_job(job_id) == 6
+    results = enqueue_shards(celery_client(setup.redis.url), job_id, ids, shard=3)
+    summaries = [r.get(timeout=60) for r in results]
+    assert sum(s["claimed"] for s in summaries) == 0
+    assert setup.store.job_counts(job_id)["files"] == {"cancelled": 6}
+    assert not any(p.with_suffix(".txt").exists() for p in paths)

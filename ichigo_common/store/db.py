@@ -28,7 +28,9 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # writers take the lock up front; read-only sessions never block (WAL)
+        readonly = conn.get_execution_options().get("ichigo_readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
 def get_engine(url: str) -> Engine:
@@ -47,8 +49,12 @@ def get_engine(url: str) -> Engine:
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A transaction: committed on success, rolled back on error."""
-    factory = sessionmaker(get_engine(url), expire_on_commit=False)
+def session_scope(url: str, readonly: bool = False) -> Iterator[Session]:
+    """A transaction: committed on success, rolled back on error. ``readonly`` sessions on
+    SQLite begin a deferred transaction, so polling readers do not queue behind writers."""
+    engine = get_engine(url)
+    if readonly:
+        engine = engine.execution_options(ichigo_readonly=True)
+    factory = sessionmaker(engine, expire_on_commit=False)
     with factory() as session, session.begin():
         yield session

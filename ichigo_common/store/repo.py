@@ -64,8 +64,8 @@ class Store:
     def __init__(self, url: str):
         self.url = url
 
-    def session(self):
-        return session_scope(self.url)
+    def session(self, readonly: bool = False):
+        return session_scope(self.url, readonly)
 
     @property
     def dialect(self) -> str:
@@ -126,18 +126,18 @@ class Store:
             yield ids  # committed: the caller may open other transactions now
 
     def get_job(self, job_id: str) -> Job | None:
-        with self.session() as s:
+        with self.session(readonly=True) as s:
             return s.get(Job, job_id)
 
     def list_jobs(self, limit: int = 50, offset: int = 0) -> list[Job]:
-        with self.session() as s:
+        with self.session(readonly=True) as s:
             q = select(Job).order_by(Job.created_at.desc()).limit(limit).offset(offset)
             return list(s.scalars(q))
 
     def list_files(
         self, job_id: str, state: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[tuple[File, Transcript | None]]:
-        with self.session() as s:
+        with self.session(readonly=True) as s:
             q = (
                 select(File, Transcript)
                 .outerjoin(Transcript, Transcript.id == File.transcript_id)
@@ -152,7 +152,7 @@ class Store:
 
     def job_counts(self, job_id: str) -> dict[str, Any]:
         """Files per state and audio seconds done / known in total."""
-        with self.session() as s:
+        with self.session(readonly=True) as s:
             rows = s.execute(
                 select(File.state, func.count(), func.coalesce(func.sum(File.duration_s), 0.0))
                 .where(File.job_id == job_id)
@@ -268,7 +268,7 @@ class Store:
             )
 
     def find_transcript(self, content_hash: str, model: str) -> Transcript | None:
-        with self.session() as s:
+        with self.session(readonly=True) as s:
             return s.scalars(
                 select(Transcript)
                 .where(Transcript.content_hash == content_hash, Transcript.model == model)
