@@ -246,3 +246,24 @@ def test_cli_json_lines(tiny_en_yaml, tmp_path):
     assert rows["bad.wav"]["error"] and rows["bad.wav"]["text"] is None
     assert "files: 3 (2 ok, 1 failed)" in proc.stderr
     assert (tmp_path / "a.txt").exists() and not (tmp_path / "bad.txt").exists()
+
+
+def test_a_failing_batch_is_halved_until_the_bad_chunk_is_alone(tiny_en_model):
+    """What CUDA out-of-memory (or any batch failure) triggers: the batch is split in halves
+    and retried; only the file whose chunk fails on its own is failed."""
+    from ichigo_pipeline.chunking import Span
+    from ichigo_pipeline.pipeline import _Chunk, _FileState
+
+    states, chunks = [], []
+    for i in range(6):
+        wav = torch.from_numpy(speech_like(1.0 + 0.1 * i, seed=i))
+        state = _FileState(f"f{i}.wav", [Span(0, wav.shape[-1])], wav.shape[-1] / 16000, 0.0)
+        states.append(state)
+        chunks.append(_Chunk(state, 0, wav))
+    # a 3-D "waveform" makes feature extraction raise for any batch that contains it
+    chunks[4] = _Chunk(states[4], 0, torch.zeros(2, 2, 16000))
+    pipeline = BatchPipeline(tiny_en_model, batch_size=6)
+    pipeline._run_batch(chunks)
+    assert states[4].error and "model failed on chunk 0" in states[4].error
+    for i in (0, 1, 2, 3, 5):
+        assert states[i].error is None and len(states[i].results) == 1, i
