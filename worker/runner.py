@@ -149,18 +149,7 @@ def process_claims(
             continue
         existing = None if force else store.find_transcript(digest, model_name)
         if existing is not None:
-            write_atomic(_txt_path(path, output_dir), existing.text + "\n")
-            store.record_reuse(claim.id, existing, size)
-            report.reused += 1
-            report.audio_s += existing.duration_s
-            outcome(
-                str(path),
-                existing.text,
-                existing.tokens,
-                existing.chunks.get("chunks", []),
-                existing.duration_s,
-                reused=True,
-            )
+            _reuse(store, claim, path, size, existing, output_dir, report, outcome)
             continue
         if digest in first_of:
             copies.setdefault(first_of[digest], []).append((claim, path, size))
@@ -221,8 +210,6 @@ def process_claims(
 
 def _settle_copies(store, model_name, digest, copies, result, output_dir, report, outcome) -> None:
     """Files with the same content as ``result``'s, met in the same unit: share its outcome."""
-    from ichigo_pipeline.outputs import write_atomic
-
     if not copies:
         return
     transcript = store.find_transcript(digest, model_name) if result.ok else None
@@ -232,15 +219,18 @@ def _settle_copies(store, model_name, digest, copies, result, output_dir, report
             report.failed += 1
             outcome(str(path), error=result.error)
             continue
-        write_atomic(_txt_path(path, output_dir), transcript.text + "\n")
-        store.record_reuse(claim.id, transcript, size)
-        report.reused += 1
-        report.audio_s += transcript.duration_s
-        outcome(
-            str(path),
-            transcript.text,
-            transcript.tokens,
-            transcript.chunks.get("chunks", []),
-            transcript.duration_s,
-            reused=True,
-        )
+        _reuse(store, claim, path, size, transcript, output_dir, report, outcome)
+
+
+def _reuse(store, claim, path, size, transcript, output_dir, report, outcome) -> None:
+    """Serve a file from an existing transcript of the same content and model."""
+    from ichigo_pipeline.outputs import write_atomic
+
+    write_atomic(_txt_path(path, output_dir), transcript.text + "\n")
+    store.record_reuse(claim.id, transcript, size)
+    report.reused += 1
+    report.audio_s += transcript.duration_s
+    chunks = transcript.chunks.get("chunks", [])
+    outcome(
+        str(path), transcript.text, transcript.tokens, chunks, transcript.duration_s, reused=True
+    )
