@@ -37,10 +37,11 @@ from producer.enqueue import JobSpec, expand_job, prepare_job, submit_job
 from producer.expand import AUDIO_SUFFIXES, Sharder, check_glob, glob_root
 from producer.queue import broker_priority, make_celery
 
+from .queue_helpers import postgres_database
+
 REPO = Path(__file__).resolve().parents[1]
 REDIS_DB = int(os.environ.get("ICHIGO_TEST_REDIS_DB", "13"))
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
-PG_ADMIN = os.environ.get("ICHIGO_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 CLOSED_PORT_URL = f"redis://127.0.0.1:1/{REDIS_DB}"
 LOCK_KEY, LOCK_TTL_S = "ichigo-test:owner", 3600
 LOCK_TOKEN = f"test_producer:{os.getpid()}"
@@ -75,24 +76,8 @@ def redis_client_fixture():
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    name = f"ichigo_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        pytest.skip(f"no PostgreSQL at {PG_ADMIN} ({exc})")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
-    try:
-        upgrade(url)
+    with postgres_database("ichigo_producer") as url:
         yield url
-    finally:
-        from ichigo_common.store.db import get_engine
-
-        get_engine(url).dispose()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _sqlite(tmp_path: Path) -> str:

@@ -28,7 +28,7 @@ from .queue_helpers import (  # noqa: F401 - redis_db is a fixture
 pytestmark = [pytest.mark.queue, pytest.mark.slow, pytest.mark.realspeech]
 
 
-def test_real_speech_through_the_queue(tmp_path, speech_dir, redis_db):
+def test_real_speech_through_the_queue(tmp_path, speech_dir, redis_db):  # noqa: F811 - the fixture
     from ichigo_pipeline.evaluation import english_normalizer, wer
 
     corpus = tmp_path / "corpus"

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -16,17 +15,7 @@ from ichigo_common.store.migrate import is_at_head, upgrade
 from ichigo_common.store.models import File, Transcript, utcnow
 from ichigo_common.store.repo import Store, TranscriptData
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def _pg_available() -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN, connect_timeout=3):
-            return True
-    except Exception:  # noqa: BLE001
-        return False
+from .queue_helpers import postgres_database
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -36,23 +25,8 @@ def store(request, tmp_path):
         upgrade(url)
         yield Store(url)
         return
-    if not _pg_available():
-        pytest.fail("PostgreSQL on 127.0.0.1:5432 is required for these tests")
-    import psycopg
-
-    name = f"ichigo_store_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    try:
-        upgrade(url)
+    with postgres_database("ichigo_store") as url:
         yield Store(url)
-    finally:
-        from ichigo_common.store.db import get_engine
-
-        get_engine(url).dispose()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _data(text="hello", digest="ab" * 32) -> TranscriptData:
