@@ -157,13 +157,13 @@ def process_claims(
         first_of[digest] = str(path)
         todo[str(path)] = (claim, digest, size)
 
+    pipeline = BatchPipeline(model, batch_size=batch_size)
     provenance = dict(
         model.provenance,
         package_version=__version__,
-        chunking={"chunk_s": 20.0, "overlap_s": 1.0, "window_s": 0.1},
+        chunking=pipeline.chunking.as_dict(),  # the parameters actually used
         **(extra_provenance or {}),
     )
-    pipeline = BatchPipeline(model, batch_size=batch_size)
     for result in pipeline.run(list(todo)):
         claim, digest, size = todo[result.path]
         if result.ok:

@@ -32,7 +32,7 @@ from sqlalchemy import select
 
 from ichigo_common.settings import Settings, get_settings
 from ichigo_common.store.models import File
-from ichigo_common.store.repo import Claim, Store, _aware
+from ichigo_common.store.repo import Claim, Store, aware_utc
 from ichigo_common.tasks import TRANSCRIBE_SHARD
 
 from .celery_app import app
@@ -109,7 +109,7 @@ def _held_elsewhere(store: Store, file_ids: list[int], owner: str) -> float | No
     if not ends:
         return None
     now = datetime.now(UTC)
-    return max(1.0, (min(_aware(t) for t in ends) - now).total_seconds() + 1.0)
+    return max(1.0, (min(aware_utc(t) for t in ends) - now).total_seconds() + 1.0)
 
 
 def _give_back(

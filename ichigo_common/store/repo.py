@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any
 
@@ -49,11 +49,9 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _aware(ts: datetime | None) -> datetime | None:
+def aware_utc(ts: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything stored is UTC
     if ts is not None and ts.tzinfo is None:
-        from datetime import UTC
-
         return ts.replace(tzinfo=UTC)
     return ts
 
@@ -353,9 +351,4 @@ class Store:
         )
 
 
-def file_is_done(store: Store, file_id: int) -> bool:
-    with store.session() as s:
-        return s.scalar(select(File.state).where(File.id == file_id)) == "done"
-
-
-__all__ = ["Store", "Claim", "TranscriptData", "file_is_done", "_aware"]
+__all__ = ["Store", "Claim", "TranscriptData", "aware_utc"]
