@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 
 def _transcribe(args: argparse.Namespace) -> int:
@@ -156,4 +155,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser", "Path"]
+__all__ = ["main", "build_parser", "register", "run"]
