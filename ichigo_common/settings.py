@@ -43,7 +43,15 @@ class Settings:
     task_time_limit: float
     shard_files: int
     shard_bytes: int
+    upload_dir: Path = field(default_factory=lambda: _data_dir() / "uploads")
+    max_upload_bytes: int = 1024 * 1024 * 1024
+    request_timeout: float = 600.0
     api_key: str | None = field(repr=False, default=None)
+
+    @property
+    def readable_roots(self) -> tuple[Path, ...]:
+        """Where workers may read audio: the allowed roots and the upload folder."""
+        return (*self.allowed_roots, self.upload_dir)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -63,6 +71,13 @@ class Settings:
             task_time_limit=_float("ICHIGO_TASK_TIME_LIMIT", visibility * 0.75),
             shard_files=_int("ICHIGO_SHARD_FILES", 32),
             shard_bytes=_int("ICHIGO_SHARD_BYTES", 256 * 1024 * 1024),
+            # uploads to the interactive endpoints: a folder the API and every worker share
+            upload_dir=Path(os.environ.get("ICHIGO_UPLOAD_DIR") or data / "uploads")
+            .expanduser()
+            .resolve(),
+            max_upload_bytes=_int("ICHIGO_MAX_UPLOAD_BYTES", 1024 * 1024 * 1024),
+            # how long an interactive request waits for its answer before a 504
+            request_timeout=_float("ICHIGO_REQUEST_TIMEOUT", 600.0),
             api_key=os.environ.get("ICHIGO_API_KEY") or None,
         )
 

@@ -19,7 +19,7 @@ from ichigo_common.store.repo import Store
 
 from .deps import Services, require_api_key
 from .queue import BrokerUnavailable, make_celery
-from .routes import health, jobs
+from .routes import health, interactive, jobs, metrics
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
     app.state.services = Services(settings, store, celery_client)
     app.include_router(health.router)
     app.include_router(jobs.router, dependencies=[Depends(require_api_key)])
+    app.include_router(interactive.router, dependencies=[Depends(require_api_key)])
+    app.include_router(metrics.router, dependencies=[Depends(require_api_key)])
 
     @app.exception_handler(PathRefused)
     async def _refused(_request: Request, exc: PathRefused) -> JSONResponse:

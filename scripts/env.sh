@@ -17,7 +17,7 @@ stamp="$VENV/.ichigo-stamp"
 want="$(sha256sum "$ICHIGO_REPO/pyproject.toml" | cut -c1-16) $ICHIGO_REPO"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "ichigo: installing dependencies into $VENV (first run downloads PyTorch)" >&2
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ICHIGO_REPO[test,offline-models]" 2>&1 \
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ICHIGO_REPO[pipeline,test,offline-models]" 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
   "$VENV/bin/python" -c "import ichigo_pipeline, torch, torchaudio, transformers" \
     || { echo "ichigo: install failed" >&2; exit 1; }
