@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 TRANSCRIBE_SHARD = "ichigo.transcribe_shard"
+#: request/reply tasks of the interactive endpoints (results through the result backend)
+S2R = "ichigo.s2r"
+R2T = "ichigo.r2t"
 BULK_QUEUE = "bulk"
 INTERACTIVE_QUEUE = "interactive"
 

@@ -11,7 +11,8 @@ Timestamp tokens are dropped from the text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AttentionInterface
@@ -155,14 +156,30 @@ class BatchDecoder:
             decoder.embed_positions.weight.zero_()
         self.logit_weight = self.token_embedding.to(dtype)
         self.tokenizer = tokenizer
-        self.options = options
         self.n_ctx = model.config.max_target_positions
+        self._set_options(options)
+
+    def _set_options(self, options: DecodingOptions) -> None:
+        tok = self.tokenizer
+        if options.language is not None and not tok.multilingual and options.language != "en":
+            raise ValueError(f"language {options.language!r}: this model is English-only")
+        self.options = options
         self.initial = self._initial_tokens()
         self.sample_begin = len(self.initial)
-        self.sot_index = self.initial.index(tokenizer.sot)
+        self.sot_index = self.initial.index(tok.sot)
         self.suppress = self._suppress_tokens()
-        precision = N_AUDIO_CTX_SECONDS / model.config.max_source_positions
+        precision = N_AUDIO_CTX_SECONDS / self.model.config.max_source_positions
         self.max_initial_ts_index = round(options.max_initial_timestamp / precision)
+
+    def with_options(self, **changes) -> BatchDecoder:
+        """A decoder sharing these weights with some options changed (a request's language
+        or prompt); ``self`` is left as it was. Raises ValueError for a language the model
+        does not know."""
+        if not changes:
+            return self
+        other = copy.copy(self)
+        other._set_options(replace(self.options, **changes))
+        return other
 
     def _initial_tokens(self) -> list[int]:
         tok, opts = self.tokenizer, self.options

@@ -13,7 +13,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,13 @@ import yaml
 from .decoding import BatchDecoder, Decoded, DecodingOptions
 from .errors import ModelConfigError, ModelNotFoundError
 from .features import log_mel_batch
+from .preset_files import preset_names, preset_text
 from .quantizer import IchigoQuantizer, QuantizerConfig, load_quantizer
 from .whisper_weights import WhisperBundle, load_whisper
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PRESET = "ichigo-asr-2501-en"
-
-
-def preset_names() -> list[str]:
-    folder = resources.files("ichigo_pipeline") / "presets"
-    return sorted(
-        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
-    )
 
 
 @dataclass(frozen=True)
@@ -91,8 +84,7 @@ class ModelSpec:
                 f"unknown model {model!r}: use a preset ({', '.join(preset_names())}) "
                 "or a path to a .yaml config"
             )
-        text = (resources.files("ichigo_pipeline") / "presets" / f"{model}.yaml").read_text()
-        return cls.from_dict(model, yaml.safe_load(text))
+        return cls.from_dict(model, yaml.safe_load(preset_text(model)))
 
     def quantizer_path(self) -> Path:
         """Local path of the quantizer checkpoint (through the hub cache if not local)."""
@@ -230,5 +222,14 @@ class IchigoModel:
                 )
         return self.quantizer.dequantize(stoks)
 
-    def decode(self, audio_features: torch.Tensor) -> list[Decoded]:
-        return self.decoder.decode(audio_features)
+    def decode(
+        self, audio_features: torch.Tensor, language: str | None = None, prompt: str | None = None
+    ) -> list[Decoded]:
+        """Text of a batch; ``language`` / ``prompt`` override the preset's for this call."""
+        return self.decoder_for(language, prompt).decode(audio_features)
+
+    def decoder_for(self, language: str | None = None, prompt: str | None = None):
+        """The preset's decoder, or one sharing its weights with ``language`` and/or
+        ``prompt`` replaced (ValueError for a language the model does not know)."""
+        changes = {k: v for k, v in (("language", language), ("prompt", prompt)) if v is not None}
+        return self.decoder.with_options(**changes)

@@ -285,15 +285,9 @@ def locate_quantizer(
 
 
 def _preset_texts() -> dict[str, str]:
-    # The preset files model.preset_names() lists (read here: model.py imports torch).
-    from importlib import resources
+    from .preset_files import preset_names, preset_text
 
-    folder = resources.files("ichigo_pipeline") / "presets"
-    return {
-        p.name.removesuffix(".yaml"): p.read_text(encoding="utf-8")
-        for p in folder.iterdir()
-        if p.name.endswith(".yaml")
-    }
+    return {name: preset_text(name) for name in preset_names()}
 
 
 def preset_sources() -> list[dict]:

@@ -41,6 +41,7 @@ class ChunkResult:
             "duration_s": round(self.duration_s, 4),
             "ids": list(self.ids),
             "text": self.text,
+            "language": self.language,
         }
 
 
@@ -123,10 +124,15 @@ class BatchPipeline:
         decode_text: bool = True,
         io_threads: int = 2,
         pool_batches: int = 4,
+        language: str | None = None,
+        prompt: str | None = None,
     ):
+        """``language`` / ``prompt`` replace the preset's (None keeps it); an unknown
+        language raises ValueError here, before any file is read."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.model = model
+        self.decoder = model.decoder_for(language, prompt) if decode_text else None
         self.batch_size = batch_size
         self.chunking = chunking
         self.decode_text = decode_text
@@ -148,7 +154,7 @@ class BatchPipeline:
                 feats = model.dequantize(stoks)
         if not self.decode_text:
             return [(i, "", None) for i in ids]
-        decoded = model.decode(feats)
+        decoded = self.decoder.decode(feats)
         return [(i, d.text, d.language) for i, d in zip(ids, decoded, strict=True)]
 
     def _run_batch(self, chunks: list[_Chunk]) -> None:

@@ -2,15 +2,16 @@
 
 A file of several chunks is the concatenation of its chunks' segments, so the chunking
 survives a round trip through text (upstream's string is the one-chunk case).
+
+No torch import: the producer checks token strings with this module before it queues them.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
 
 START, END = "<|sound_start|>", "<|sound_end|>"
 _TOKEN = re.compile(r"<\|sound_(\d{4})\|>")
@@ -87,7 +88,9 @@ def as_chunks(stoks) -> list[list[int]]:
     """
     if isinstance(stoks, str):
         return [c for seg in parse_token_string(stoks) for c in split_long(seg)]
-    if isinstance(stoks, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    is_tensor = (lambda x: isinstance(x, torch.Tensor)) if torch else (lambda x: False)
+    if is_tensor(stoks):
         if stoks.dim() == 2 and stoks.shape[0] == 1:
             stoks = stoks[0]
         if stoks.dim() == 1:
@@ -99,6 +102,6 @@ def as_chunks(stoks) -> list[list[int]]:
     chunks = []
     for item in items:
         ids = item.ids if isinstance(item, TokenChunk) else item
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        ids = ids.tolist() if is_tensor(ids) else list(ids)
         chunks.extend(split_long(ids))
     return chunks

@@ -30,6 +30,7 @@ from celery import Celery
 
 from ichigo_common.settings import Settings
 from ichigo_common.store.repo import Store
+from ichigo_common.tasks import BULK_QUEUE, INTERACTIVE_QUEUE
 
 from . import jobstate
 from .expand import Found, Inputs, Sharder, check_inputs, check_path, iter_found
@@ -46,6 +47,8 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 LANGUAGE_PATTERN = r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?$"
 _LANGUAGE = re.compile(LANGUAGE_PATTERN)
 SOURCES = ("api", "cli", "watch")
+#: a Whisper prompt keeps its last 223 tokens; a longer text is refused, not silently cut
+MAX_PROMPT_CHARS = 4000
 
 
 class InvalidSubmission(ValueError):
@@ -67,6 +70,8 @@ class JobSpec:
     callback_url: str | None = None
     name: str | None = None
     source: str = "api"
+    prompt: str | None = None
+    interactive: bool = False  # one user waits on it: the interactive queue, ahead of bulk
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Prepared:
     job_id: str
     inputs: Inputs
     priority: int
+    queue: str = BULK_QUEUE
 
 
 @dataclass
@@ -93,6 +99,7 @@ def submit_job(store: Store, celery_client: Celery, settings: Settings, *,
                model: str | None = None, language: str | None = None,
                output_dir: str | None = None, priority: int = 0, force: bool = False,
                callback_url: str | None = None, name: str | None = None, source: str = "api",
+               prompt: str | None = None, interactive: bool = False,
                defer: Callable[[Callable[[], Any]], Any] | None = None) -> str:
     """Validate, create the job and queue its files; returns the job id.
 
@@ -101,7 +108,8 @@ def submit_job(store: Store, celery_client: Celery, settings: Settings, *,
     ``BackgroundTasks.add_task``) so a caller can answer at once."""
     spec = JobSpec(paths=tuple(paths), globs=tuple(globs), recursive=recursive, model=model,
                    language=language, output_dir=output_dir, priority=priority, force=force,
-                   callback_url=callback_url, name=name, source=source)
+                   callback_url=callback_url, name=name, source=source, prompt=prompt,
+                   interactive=interactive)
     prepared = prepare_job(store, celery_client, settings, spec)
     if defer is None:
         expand_job(store, celery_client, settings, prepared)
@@ -122,6 +130,8 @@ def _check_options(spec: JobSpec, settings: Settings) -> tuple[str, str | None]:
         raise InvalidSubmission(f"language: {spec.language!r} is not a language code")
     if not 0 <= spec.priority <= MAX_PRIORITY:
         raise InvalidSubmission(f"priority must be between 0 and {MAX_PRIORITY}")
+    if spec.prompt is not None and len(spec.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidSubmission(f"prompt: at most {MAX_PROMPT_CHARS} characters")
     if spec.name is not None and len(spec.name) > 200:
         raise InvalidSubmission("name: at most 200 characters")
     if spec.callback_url is not None and not spec.callback_url.startswith(("http://",
@@ -137,7 +147,9 @@ def prepare_job(store: Store, celery_client: Celery, settings: Settings,
                 spec: JobSpec) -> Prepared:
     """Check every input and the broker, then create the job (state ``expanding``)."""
     try:
-        inputs = check_inputs(spec.paths, spec.globs, spec.recursive, settings.allowed_roots)
+        # an interactive request reads its upload from the upload folder; nothing else may
+        roots = settings.readable_roots if spec.interactive else settings.allowed_roots
+        inputs = check_inputs(spec.paths, spec.globs, spec.recursive, roots)
     except ValueError as exc:
         if isinstance(exc, InvalidSubmission):
             raise
@@ -147,6 +159,7 @@ def prepare_job(store: Store, celery_client: Celery, settings: Settings,
     options = {
         "force": spec.force,
         "language": spec.language,
+        "prompt": spec.prompt,
         "recursive": spec.recursive,
         "inputs": {"paths": [str(p) for p in inputs.files + inputs.dirs],
                    "globs": list(inputs.globs)},
@@ -154,7 +167,8 @@ def prepare_job(store: Store, celery_client: Celery, settings: Settings,
     job_id = store.create_job(source=spec.source, model=model, options=options, name=spec.name,
                               priority=spec.priority, output_dir=output_dir,
                               callback_url=spec.callback_url, state=jobstate.EXPANDING)
-    return Prepared(job_id, inputs, spec.priority)
+    return Prepared(job_id, inputs, spec.priority,
+                    INTERACTIVE_QUEUE if spec.interactive else BULK_QUEUE)
 
 
 class _ErrorRows:
@@ -226,7 +240,7 @@ def _expand(store: Store, celery_client: Celery, settings: Settings, prepared: P
     errors = _ErrorRows(store, job_id)
     rows = errors.divert(iter_found(prepared.inputs, settings.allowed_roots))
     sharder = Sharder(settings.shard_files, settings.shard_bytes)
-    sender = ShardSender(celery_client, prepared.priority)
+    sender = ShardSender(celery_client, prepared.priority, prepared.queue)
     for batch in store.add_files(job_id, rows, batch=commit_every):  # yields once committed
         report.files += len(batch)
         if _cancelled(store, job_id):

@@ -75,7 +75,7 @@ def configure(app: Celery, s: Settings) -> Celery:
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    app = Celery("ichigo", include=["worker.tasks"])
+    app = Celery("ichigo", include=["worker.tasks", "worker.token_tasks"])
     return configure(app, settings or get_settings())
 
 

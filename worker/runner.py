@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ichigo_common.paths import PathRefused, check_allowed
 from ichigo_common.store.repo import Claim, Store, TranscriptData
+from ichigo_common.variants import transcript_key
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,24 @@ def _remove_stale_temps(txt: Path) -> None:
         log.debug("could not clean temp files of %s: %s", txt, exc)
 
 
+class _Outcomes:
+    """Reports each file's outcome: progress (``on_file``) and a JSON-ready dict (``on_result``)."""
+
+    def __init__(self, report: UnitReport, on_file, on_result):
+        self.report, self.on_file, self.on_result = report, on_file, on_result
+
+    def __call__(
+        self, path: str, text=None, tokens=None, chunks=(), duration=None, error=None,
+        reused=False,
+    ) -> None:
+        if self.on_result:
+            self.on_result(path, {"path": path, "text": text, "tokens": tokens,
+                                  "chunks": list(chunks), "duration_s": duration,
+                                  "error": error, "reused": reused})
+        if self.on_file:
+            self.on_file(self.report)
+
+
 def process_claims(
     store: Store,
     model,  # ichigo_pipeline.model.IchigoModel
@@ -92,6 +111,8 @@ def process_claims(
     batch_size: int,
     output_dir: str | None = None,
     force: bool = False,
+    language: str | None = None,
+    prompt: str | None = None,
     on_file: Callable[[UnitReport], None] | None = None,
     on_result: Callable[[str, dict], None] | None = None,
     extra_provenance: dict | None = None,
@@ -101,32 +122,23 @@ def process_claims(
     ``on_file(report)`` runs after each file (progress); ``on_result(path, outcome)`` gets a
     JSON-ready dict per file (path, text, tokens, chunks, duration_s, error, reused).
     ``extra_provenance`` is merged into each new transcript's provenance (e.g. which worker).
+    ``language`` / ``prompt`` override the preset's; transcripts are shared only between
+    requests with the same overrides (``transcript_key``). A language the model does not
+    know fails every file with that reason.
     """
 
-    def outcome(
-        path: str, text=None, tokens=None, chunks=(), duration=None, error=None, reused=False
-    ) -> None:
-        if on_result:
-            on_result(
-                path,
-                {
-                    "path": path,
-                    "text": text,
-                    "tokens": tokens,
-                    "chunks": list(chunks),
-                    "duration_s": duration,
-                    "error": error,
-                    "reused": reused,
-                },
-            )
-        if on_file:
-            on_file(report)
-
+    report = UnitReport()
+    outcome = _Outcomes(report, on_file, on_result)
     from ichigo_pipeline import __version__
     from ichigo_pipeline.outputs import write_atomic
     from ichigo_pipeline.pipeline import BatchPipeline
 
-    report = UnitReport()
+    try:
+        pipeline = BatchPipeline(model, batch_size=batch_size, language=language, prompt=prompt)
+    except ValueError as exc:  # the request's options, not the files, are wrong
+        _fail_all(store, claims, f"invalid options: {exc}", report, outcome)
+        return report
+    model_name = transcript_key(model_name, language, prompt)
     todo: dict[str, tuple[Claim, str, int]] = {}
     first_of: dict[str, str] = {}  # content hash -> path transcribed for it in this unit
     copies: dict[str, list[tuple[Claim, Path, int]]] = {}  # same content again in this unit
@@ -157,9 +169,10 @@ def process_claims(
         first_of[digest] = str(path)
         todo[str(path)] = (claim, digest, size)
 
-    pipeline = BatchPipeline(model, batch_size=batch_size)
     provenance = dict(
         model.provenance,
+        language=language,
+        prompt=prompt,
         package_version=__version__,
         chunking=pipeline.chunking.as_dict(),  # the parameters actually used
         **(extra_provenance or {}),
@@ -206,6 +219,13 @@ def process_claims(
             outcome,
         )
     return report
+
+
+def _fail_all(store, claims, reason, report, outcome) -> None:
+    for claim in claims:
+        store.record_failure(claim.id, reason)
+        report.failed += 1
+        outcome(claim.path, error=reason)
 
 
 def _settle_copies(store, model_name, digest, copies, result, output_dir, report, outcome) -> None:

@@ -205,10 +205,12 @@ def _run_unit(
             model,
             job.model,
             claims,
-            roots=settings.allowed_roots,
+            roots=settings.readable_roots,
             batch_size=settings.batch_size,
             output_dir=job.output_dir,
             force=bool(options.get("force", False)),
+            language=options.get("language") or None,
+            prompt=options.get("prompt") or None,
             on_file=progress,
             extra_provenance={
                 "worker": task.request.hostname or socket.gethostname(),
