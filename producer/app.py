@@ -20,6 +20,7 @@ from ichigo_common.store.repo import Store
 from .deps import Services, require_api_key
 from .queue import BrokerUnavailable, make_celery
 from .routes import health, interactive, jobs, metrics
+from .uploads import FORM_OVERHEAD, BodyLimit
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
                                                 "openapi_url": None}
     app = FastAPI(title="ichigo-batch", version=_version(), lifespan=lifespan, **docs)
     app.state.services = Services(settings, store, celery_client)
+    # multipart framing around an upload is small: an announced body beyond this is a 413
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + FORM_OVERHEAD)
     app.include_router(health.router)
     app.include_router(jobs.router, dependencies=[Depends(require_api_key)])
     app.include_router(interactive.router, dependencies=[Depends(require_api_key)])

@@ -15,6 +15,8 @@ from typing import BinaryIO
 import av
 
 COPY_BLOCK = 1 << 20
+#: room for the multipart framing and form fields around an upload
+FORM_OVERHEAD = 1 << 20
 #: an upload left behind by a request that timed out (its job went on) is removed this late
 STALE_UPLOAD_S = 24 * 3600
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -112,3 +114,25 @@ def probe_audio(path: Path) -> float:
         if stream.duration and stream.time_base:
             return float(stream.duration * stream.time_base)
         return 0.0
+
+
+class BodyLimit:
+    """ASGI middleware: a request that announces a body larger than ``limit`` bytes is
+    answered 413 at once, before any of it is read (the multipart parser would otherwise
+    spool it all to disk first). Bodies without a length are checked while saved."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.limit:
+                body = f'{{"detail": "request body larger than {self.limit} bytes"}}'.encode()
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()),
+                                        (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

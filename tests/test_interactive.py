@@ -319,7 +319,8 @@ def test_r2t_refuses_bad_token_strings(server, tokens, says):
 def test_bad_uploads_are_refused_with_the_reason(server, tmp_path):
     url = f"{server.url}/v1/audio/transcriptions"
     cases = [
-        (("big.wav", b"\0" * (MAX_UPLOAD + 1)), 413, "larger than"),
+        (("big.wav", b"\0" * (MAX_UPLOAD + 1)), 413, "upload larger than"),
+        (("huge.wav", b"\0" * (MAX_UPLOAD + 2 * 1024 * 1024)), 413, "request body larger"),
         (("noise.wav", os.urandom(40_000)), 415, "can be opened"),
         (("notes.txt", b"just some text\n" * 100), 415, ""),
         (("empty.mp3", b""), 415, ""),
