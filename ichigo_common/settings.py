@@ -46,6 +46,7 @@ class Settings:
     upload_dir: Path = field(default_factory=lambda: _data_dir() / "uploads")
     max_upload_bytes: int = 1024 * 1024 * 1024
     request_timeout: float = 600.0
+    sweep_seconds: float = 60.0
     api_key: str | None = field(repr=False, default=None)
 
     @property
@@ -78,6 +79,8 @@ class Settings:
             max_upload_bytes=_int("ICHIGO_MAX_UPLOAD_BYTES", 1024 * 1024 * 1024),
             # how long an interactive request waits for its answer before a 504
             request_timeout=_float("ICHIGO_REQUEST_TIMEOUT", 600.0),
+            # how often each worker looks for files a dead worker left leased (0: never)
+            sweep_seconds=_float("ICHIGO_SWEEP_SECONDS", 60.0),
             api_key=os.environ.get("ICHIGO_API_KEY") or None,
         )
 

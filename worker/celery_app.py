@@ -11,7 +11,7 @@ the model loads lazily in the prefork child on its first shard (``worker.tasks``
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from ichigo_common.settings import Settings, get_settings
@@ -80,3 +80,27 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 app = create_app()
+
+
+_sweeper = None
+
+
+@signals.worker_ready.connect
+def _start_sweeper(sender=None, **_kwargs) -> None:
+    """Each worker's main process sweeps for files dead workers left (``worker.sweeper``)."""
+    global _sweeper
+    settings = get_settings()
+    if settings.sweep_seconds <= 0 or _sweeper is not None:
+        return
+    from ichigo_common.store.repo import Store
+
+    from .sweeper import Sweeper
+
+    _sweeper = Sweeper(Store(settings.database_url), app, settings, settings.sweep_seconds)
+    _sweeper.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_sweeper(sender=None, **_kwargs) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()

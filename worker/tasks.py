@@ -147,7 +147,9 @@ def _post_callback(url: str, payload: dict) -> None:
         log.warning("callback for job %s to %s failed: %s", payload.get("job_id"), where, exc)
 
 
-def _finish(store: Store, job_id: str) -> bool:
+def finish_job(store: Store, job_id: str) -> bool:
+    """Close the job if no file is open (once: True only for the call that did it), then
+    post its callback."""
     if not store.finish_job_if_complete(job_id):
         return False
     log.info("job %s done", job_id)
@@ -315,7 +317,7 @@ def transcribe_shard(self, job_id: str, file_ids: list[int]) -> dict:
                 audio_s=round(report.audio_s, 3),
             )
     if claims or exhausted:
-        summary["job_done"] = _finish(store, job_id)
+        summary["job_done"] = finish_job(store, job_id)
     wait = _held_elsewhere(store, ids, owner)
     if wait is not None:
         # another worker holds some of these files: look again once its lease could have

@@ -339,6 +339,57 @@ class Store:
                 .values(state="queued", lease_owner=None, lease_expires_at=None)
             )
 
+    # -- recovery: what a dead worker left behind ----------------------------------------
+
+    def requeue_expired(self, limit: int = 10_000) -> list[tuple[str, int]]:
+        """Files whose lease ended while running (their worker died with the unit's message,
+        e.g. its main process was killed) back to ``queued``; returns (job_id, file_id) of
+        those this call took, so two sweepers never take the same file. Attempts are kept:
+        a file that keeps killing workers still fails after ICHIGO_MAX_ATTEMPTS."""
+        now = utcnow()
+        with self.session() as s:
+            ids = list(
+                s.scalars(
+                    select(File.id)
+                    .where(File.state == "running", File.lease_expires_at < now)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if not ids:
+                return []
+            rows = s.execute(
+                update(File)
+                .where(File.id.in_(ids), File.state == "running", File.lease_expires_at < now)
+                .values(state="queued", lease_owner=None, lease_expires_at=None)
+                .returning(File.job_id, File.id)
+            ).all()
+        return [(job_id, file_id) for job_id, file_id in rows]
+
+    def expire(self, file_ids: list[int]) -> None:
+        """Undo ``requeue_expired`` for files whose shard could not be sent: running with an
+        ended lease again, so the next sweep takes them."""
+        with self.session() as s:
+            s.execute(
+                update(File)
+                .where(File.id.in_(file_ids), File.state == "queued")
+                .values(state="running", lease_owner="sweeper",
+                        lease_expires_at=utcnow() - timedelta(seconds=1))
+            )
+
+    def complete_jobs(self) -> list[str]:
+        """Ids of queued/running jobs that no longer have an open file (the worker that
+        finished their last file died before closing the job)."""
+        with self.session(readonly=True) as s:
+            open_file = (
+                select(File.id)
+                .where(File.job_id == Job.id, File.state.in_(OPEN_STATES))
+                .exists()
+            )
+            return list(
+                s.scalars(select(Job.id).where(Job.state.in_(("queued", "running")), ~open_file))
+            )
+
     @staticmethod
     def _close(s: Session, file_id: int, state: str, **values: Any) -> None:
         values = {k: v for k, v in values.items() if v is not None or k == "error"}

@@ -1,0 +1,141 @@
+"""Work left by a worker whose main process died: its shard's message is gone for hours
+(Redis gives an unacked message back only after the visibility timeout), its files stay
+leased. The sweeper in every worker's main process re-sends them. Real Redis, real SQLite,
+real `ichigo worker` processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import signal
+
+import pytest
+from sqlalchemy import func, select
+
+from ichigo_common.settings import Settings
+from ichigo_common.store.migrate import upgrade
+from ichigo_common.store.models import File, Transcript
+from ichigo_common.store.repo import Store
+from worker.sweeper import sweep
+
+from .queue_helpers import (  # noqa: F401 - redis_db, queue_model are fixtures
+    WorkerProcess,
+    celery_client,
+    create_job,
+    enqueue_shards,
+    make_clips,
+    queue_model,
+    redis_db,
+    running_workers,
+    sqlite_store_url,
+    wait_for,
+    worker_env,
+)
+
+pytestmark = [pytest.mark.queue]
+
+
+def _queued_shards(redis_db) -> list[list[int]]:  # noqa: F811 - the fixture's value
+    """file_ids of every shard message waiting in the bulk queue (all priority lists)."""
+    r = redis_db.client()
+    found = []
+    for key in r.keys("bulk*"):
+        for raw in r.lrange(key, 0, -1):
+            msg = json.loads(raw)
+            body = msg["body"]
+            if msg["properties"].get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            _args, kwargs, _embed = json.loads(body)
+            found.append(kwargs["file_ids"])
+    return found
+
+
+def test_sweep_resends_expired_leases_once_and_closes_finished_jobs(tmp_path, redis_db,
+                                                                    queue_model):
+    redis_db.flush()
+    url = sqlite_store_url(tmp_path)
+    upgrade(url)
+    store = Store(url)
+    settings = dataclasses.replace(Settings.from_env(), database_url=url,
+                                   broker_url=redis_db.url, shard_files=3)
+    job_id, ids = create_job(store, queue_model, [tmp_path / f"f{i}.wav" for i in range(7)])
+    # a dead worker holds 5 files with leases that have ended, a live one holds 2
+    dead, _ = store.claim(ids[:5], "dead@host:1:t", lease_seconds=-1, max_attempts=3)
+    live, _ = store.claim(ids[5:], "live@host:2:t", lease_seconds=300, max_attempts=3)
+    assert len(dead) == 5 and len(live) == 2
+    client = celery_client(redis_db.url)
+
+    report = sweep(store, client, settings)
+    assert (report.files, report.shards) == (5, 2)
+    assert sorted(sum(_queued_shards(redis_db), [])) == ids[:5]
+    with store.session() as s:
+        states = dict(s.execute(select(File.id, File.state).where(File.job_id == job_id)).all())
+        attempts = dict(s.execute(select(File.id, File.attempts)).all())
+    assert [states[i] for i in ids] == ["queued"] * 5 + ["running"] * 2
+    assert all(attempts[i] == 1 for i in ids)  # attempts are kept: poison files still end
+    # a second pass (or another worker's sweeper) finds nothing more to send
+    assert sweep(store, client, settings).files == 0
+    assert len(_queued_shards(redis_db)) == 2
+
+    # a job whose files all ended, left "running" by a worker that died before closing it
+    job2, ids2 = create_job(store, queue_model, [tmp_path / "g.wav"])
+    store.claim(ids2, "gone@host:3:t", lease_seconds=300, max_attempts=3)
+    store.record_failure(ids2[0], "some reason")
+    assert store.get_job(job2).state == "running"
+    assert sweep(store, client, settings).jobs_closed == 1
+    assert store.get_job(job2).state == "done"
+    redis_db.flush()
+
+
+@pytest.mark.slow
+def test_job_completes_after_the_worker_main_process_is_killed(tmp_path, redis_db,
+                                                              queue_model):
+    """SIGKILL to the whole worker (main process and pool) mid-job, twice; a fresh worker
+    finishes the job in seconds, each file with one transcript row and one complete .txt."""
+    redis_db.flush()
+    url = sqlite_store_url(tmp_path)
+    upgrade(url)
+    store = Store(url)
+    corpus = tmp_path / "corpus"
+    clips = make_clips(corpus, 60, seed=5, min_s=1.0, max_s=3.0)
+    env = worker_env(redis_url=redis_db.url, database_url=url, roots=[tmp_path, queue_model.parent],
+                     ICHIGO_LEASE_SECONDS="3", ICHIGO_SWEEP_SECONDS="1")
+    job_id, ids = create_job(store, queue_model, clips)
+    enqueue_shards(celery_client(redis_db.url), job_id, ids, shard=10)
+
+    def done_count() -> int:
+        with store.session() as s:
+            return s.scalar(select(func.count()).select_from(File)
+                            .where(File.job_id == job_id, File.state == "done"))
+
+    kills = 0
+    for round_ in range(2):
+        victim = WorkerProcess(f"victim{round_}", env, tmp_path / f"victim{round_}.log")
+        victim.start()
+        victim.wait_ready()
+        before = done_count()
+        wait_for(lambda b=before: done_count() >= b + 3, 120, "some files to finish",
+                 on_timeout=victim.tail)
+        os.killpg(victim.proc.pid, signal.SIGKILL)  # main process and pool child at once
+        victim.proc.wait(10)
+        kills += 1
+    assert done_count() < len(ids)  # the kills left work behind
+    rescuer = WorkerProcess("rescuer", env, tmp_path / "rescuer.log")
+    with running_workers(rescuer):
+        wait_for(lambda: store.get_job(job_id).state == "done", 180,
+                 "the job to finish after the kills", on_timeout=rescuer.tail)
+    assert "left by dead workers re-sent" in rescuer.log()
+    with store.session() as s:
+        per_file = dict(s.execute(select(Transcript.file_id, func.count())
+                                  .group_by(Transcript.file_id)).all())
+        states = s.execute(select(File.state, func.count()).where(File.job_id == job_id)
+                           .group_by(File.state)).all()
+    assert dict(states) == {"done": len(ids)}, (kills, dict(states))
+    assert sorted(per_file) == sorted(ids) and set(per_file.values()) == {1}
+    for clip in clips:
+        txt = clip.with_suffix(".txt")
+        assert txt.read_text().endswith("\n")  # complete, written atomically
+    assert not [p for p in corpus.iterdir() if p.name.startswith(".")]  # no temp files left
+    redis_db.flush()
