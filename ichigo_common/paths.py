@@ -20,7 +20,10 @@ def check_allowed(path: str | Path, roots: tuple[Path, ...]) -> Path:
         raise PathRefused("path contains a NUL byte")
     if not roots:
         raise PathRefused("no allowed roots configured (set ICHIGO_ALLOWED_ROOTS)")
-    resolved = Path(text).expanduser().resolve(strict=False)
+    try:
+        resolved = Path(text).expanduser().resolve(strict=False)
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before 3.13)
+        raise PathRefused(f"{text}: cannot be resolved (symlink loop?): {exc}") from None
     for root in roots:
         if resolved == root or resolved.is_relative_to(root):
             return resolved

@@ -206,8 +206,22 @@ def glob_files(pattern: str, roots: tuple[Path, ...]) -> Iterator[Found]:
 
 def iter_found(inputs: Inputs, roots: tuple[Path, ...]) -> Iterator[Found]:
     """Every file the inputs name, lazily; de-duplicated when inputs may overlap."""
-    found = _iter_all(inputs, roots)
+    found = storable(_iter_all(inputs, roots))
     return unique(found) if inputs.may_overlap else found
+
+
+def storable(found: Iterable[Found]) -> Iterator[Found]:
+    """A path the store cannot hold (a name in a legacy encoding, not UTF-8) becomes a
+    failed file under a readable form of its name, instead of failing the whole job."""
+    for item in found:
+        try:
+            item.path.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(item.path).decode("utf-8", "backslashreplace")
+            yield Found(shown, item.size, "file name is not valid UTF-8; rename it to "
+                                          "transcribe it")
+            continue
+        yield item
 
 
 def _iter_all(inputs: Inputs, roots: tuple[Path, ...]) -> Iterator[Found]:

@@ -9,9 +9,12 @@ atomically, then record the result. A lease is renewed in the background while t
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import logging
+import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,9 +36,15 @@ class UnitReport:
 
 
 def content_hash(path: Path) -> tuple[str, int]:
+    """(sha256, size) of a regular file. Opened without blocking and checked first: a path
+    replaced by a FIFO or a device after it was queued must fail, not hang the worker."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as fh:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    with os.fdopen(fd, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
             size += len(block)
