@@ -52,8 +52,8 @@ def _queued_shards(redis_db) -> list[list[int]]:  # noqa: F811 - the fixture's v
     return found
 
 
-def test_sweep_resends_expired_leases_once_and_closes_finished_jobs(  # noqa: F811
-        tmp_path, redis_db, queue_model):
+def test_sweep_resends_expired_leases_once_and_closes_finished_jobs(
+        tmp_path, redis_db, queue_model):  # noqa: F811 - fixtures
     redis_db.flush()
     url = sqlite_store_url(tmp_path)
     upgrade(url)
@@ -90,8 +90,8 @@ def test_sweep_resends_expired_leases_once_and_closes_finished_jobs(  # noqa: F8
 
 
 @pytest.mark.slow
-def test_job_completes_after_the_worker_main_process_is_killed(  # noqa: F811
-        tmp_path, redis_db, queue_model):
+def test_job_completes_after_the_worker_main_process_is_killed(
+        tmp_path, redis_db, queue_model):  # noqa: F811 - fixtures
     """SIGKILL to the whole worker (main process and pool) mid-job, twice; a fresh worker
     finishes the job in seconds, each file with one transcript row and one complete .txt."""
     redis_db.flush()
