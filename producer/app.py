@@ -11,6 +11,7 @@ from importlib import metadata
 from celery import Celery
 from fastapi import Depends, FastAPI, Request, status
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 
 from ichigo_common.paths import PathRefused
 from ichigo_common.settings import Settings, get_settings
@@ -18,8 +19,9 @@ from ichigo_common.store.migrate import ensure_schema
 from ichigo_common.store.repo import Store
 
 from .deps import Services, require_api_key
+from .metrics import IchigoCollector
 from .queue import BrokerUnavailable, make_celery
-from .routes import health, interactive, jobs, metrics
+from .routes import docs, health, interactive, jobs, metrics
 from .uploads import FORM_OVERHEAD, BodyLimit
 
 log = logging.getLogger(__name__)
@@ -45,17 +47,20 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
             log.warning("ICHIGO_ALLOWED_ROOTS is empty: every submission will be refused")
         yield
 
-    # with a key, the OpenAPI pages are off too: only /healthz answers without it
-    docs = {} if settings.api_key is None else {"docs_url": None, "redoc_url": None,
-                                                "openapi_url": None}
-    app = FastAPI(title="ichigo-batch", version=_version(), lifespan=lifespan, **docs)
+    # the OpenAPI pages are served by routes of our own, behind the key when one is set
+    app = FastAPI(title="ichigo-batch", version=_version(), lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
     app.state.services = Services(settings, store, celery_client)
+    app.state.metrics_registry = CollectorRegistry(auto_describe=False)
+    app.state.metrics_registry.register(IchigoCollector(store, celery_client, _version()))
     # multipart framing around an upload is small: an announced body beyond this is a 413
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + FORM_OVERHEAD)
     app.include_router(health.router)
+    app.include_router(health.status_router, dependencies=[Depends(require_api_key)])
     app.include_router(jobs.router, dependencies=[Depends(require_api_key)])
     app.include_router(interactive.router, dependencies=[Depends(require_api_key)])
     app.include_router(metrics.router, dependencies=[Depends(require_api_key)])
+    app.include_router(docs.router, dependencies=[Depends(require_api_key)])
 
     @app.exception_handler(PathRefused)
     async def _refused(_request: Request, exc: PathRefused) -> JSONResponse:

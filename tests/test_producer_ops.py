@@ -43,7 +43,8 @@ def test_api_key_guards_every_endpoint_but_healthz(env):
                  for method in ops if path != "/healthz"]
     assert {("POST", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"), ("DELETE", "/v1/jobs/{job_id}"),
             ("POST", "/v1/audio/transcriptions"), ("POST", "/s2r"),
-            ("POST", "/r2t")} <= set(endpoints), endpoints
+            ("POST", "/r2t"), ("GET", "/metrics"),
+            ("GET", "/health/server-status")} <= set(endpoints), endpoints
     with TestClient(app) as client:
         good = {"Authorization": f"Bearer {key}"}
         job_id = client.post("/v1/jobs", json={"paths": [str(env.root / "k")]},
@@ -58,8 +59,12 @@ def test_api_key_guards_every_endpoint_but_healthz(env):
                 assert response.headers["www-authenticate"] == "Bearer"
             assert client.request(method, url, headers=good, json={}).status_code != 401
         assert client.get("/healthz?workers=false").status_code == 200
-        assert client.get("/openapi.json").status_code == 404
-        assert client.get("/docs").status_code == 404
+        # the pages outside the schema are behind the key too, and served with it
+        for page in ("/openapi.json", "/docs", "/redoc", "/metrics", "/health/server-status"):
+            assert client.get(page).status_code == 401, page
+            assert client.get(page, headers={"Authorization": f"Bearer {wrong}"}
+                              ).status_code == 401, page
+            assert client.get(page, headers=good).status_code == 200, page
     assert len(env.job_ids()) == 1  # only the authorised submission
 
 

@@ -1,7 +1,8 @@
-"""``/healthz``: database and broker reachable (200, else 503), workers as information.
+"""``/healthz`` and upstream's ``/health/server-status``: database and broker reachable (200,
+else 503), workers as information.
 
 Every probe runs in a thread under a deadline, so a dead or black-holed Redis turns into a
-quick 503 instead of a hung request. Never behind the API key."""
+quick 503 instead of a hung request. ``/healthz`` is never behind the API key."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from sqlalchemy import text
 from ..deps import ServicesDep
 from ..queue import check_broker, ping_workers
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"])  # never behind the API key
+status_router = APIRouter(tags=["health"])  # behind it
 
 PROBE_TIMEOUT_S = 2.5
 WORKER_PING_S = 1.0
@@ -42,6 +44,17 @@ async def _probe(fn: Callable[[], Any], timeout: float = PROBE_TIMEOUT_S) -> dic
 @router.get("/healthz")
 async def healthz(services: ServicesDep, workers: bool = True) -> JSONResponse:
     """``workers=false`` skips the one-second worker ping (for tight liveness probes)."""
+    return await _health(services, workers)
+
+
+@status_router.get("/health/server-status")
+async def server_status(services: ServicesDep) -> JSONResponse:
+    """Upstream's health endpoint (behind the API key when one is set): database, broker
+    and workers; 200 when database and broker answer, else 503."""
+    return await _health(services, True)
+
+
+async def _health(services, workers: bool) -> JSONResponse:
 
     def database() -> None:
         with services.store.session() as s:
