@@ -47,6 +47,7 @@ class Settings:
     max_upload_bytes: int = 1024 * 1024 * 1024
     request_timeout: float = 600.0
     sweep_seconds: float = 60.0
+    flower_basic_auth: str | None = field(repr=False, default=None)
     api_key: str | None = field(repr=False, default=None)
 
     @property
@@ -81,6 +82,8 @@ class Settings:
             request_timeout=_float("ICHIGO_REQUEST_TIMEOUT", 600.0),
             # how often each worker looks for files a dead worker left leased (0: never)
             sweep_seconds=_float("ICHIGO_SWEEP_SECONDS", 60.0),
+            # "user:password[,user2:password2]" for `ichigo flower`
+            flower_basic_auth=os.environ.get("ICHIGO_FLOWER_BASIC_AUTH") or None,
             api_key=os.environ.get("ICHIGO_API_KEY") or None,
         )
 

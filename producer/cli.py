@@ -287,3 +287,7 @@ def register(sub) -> None:
     a.add_argument("--port", type=int, default=8000)
     a.add_argument("--log-level", default="info")
     a.set_defaults(func=_api)
+
+    from .monitor import register as register_monitor
+
+    register_monitor(sub)
