@@ -10,15 +10,17 @@ import dataclasses
 import json
 import os
 import signal
+from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from ichigo_common.settings import Settings
 from ichigo_common.store.migrate import upgrade
-from ichigo_common.store.models import File, Transcript
+from ichigo_common.store.models import File, Job, Transcript, utcnow
 from ichigo_common.store.repo import Store
-from worker.sweeper import sweep
+from ichigo_common.tasks import INTERACTIVE_QUEUE, TRANSCRIBE_SHARD, shard_payload
+from worker.sweeper import STALL_SWEEPS, sweep
 
 from .queue_helpers import (  # noqa: F401 - redis_db, queue_model are fixtures
     WorkerProcess,
@@ -149,4 +151,96 @@ def test_job_completes_after_the_worker_main_process_is_killed(
         assert clip.with_suffix(".txt").read_text() == texts[str(clip)] + "\n"
     assert not [p for p in corpus.iterdir() if p.name.startswith(".")]  # no temp files left
     print(f"\nkills (what, files done at the kill): {kills}; 300 files, 0 lost, 0 duplicated")
+    redis_db.flush()
+
+
+def _age(store: Store, job_id: str, seconds: float) -> None:
+    """Make the job and everything that happened in it ``seconds`` older (in Python: SQLite
+    has no date arithmetic on these columns)."""
+    shift = timedelta(seconds=seconds)
+
+    def older(row, *names):
+        return {n: getattr(row, n) - shift for n in names if getattr(row, n) is not None}
+
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        for name, value in older(job, "created_at", "started_at").items():
+            setattr(job, name, value)
+        for f in s.scalars(select(File).where(File.job_id == job_id)):
+            for name, value in older(f, "started_at", "finished_at").items():
+                setattr(f, name, value)
+
+
+def test_sweep_resends_queued_files_whose_messages_the_broker_lost(
+        tmp_path, redis_db, queue_model):  # noqa: F811 - fixtures
+    """A Redis restarted without persistence forgets every waiting shard: with empty queues,
+    the queued files of a job idle for STALL_SWEEPS sweep intervals are sent again, once."""
+    redis_db.flush()
+    url = sqlite_store_url(tmp_path)
+    store = Store(url)
+    settings = dataclasses.replace(Settings.from_env(), database_url=url,
+                                   broker_url=redis_db.url, shard_files=3, sweep_seconds=10)
+    client = celery_client(redis_db.url)
+    idle = STALL_SWEEPS * settings.sweep_seconds
+    job_id, ids = create_job(store, queue_model, [tmp_path / f"f{i}.wav" for i in range(8)])
+    store.claim(ids[:1], "w@host:1:t", lease_seconds=300, max_attempts=3)
+    store.record_failure(ids[0], "done with, long ago")
+    _age(store, job_id, idle + 5)
+    # left alone: a job still expanding (its producer sends its shards), a job just created
+    expanding, _ = create_job(store, queue_model, [tmp_path / "e.wav"], state="expanding")
+    _age(store, expanding, idle + 5)
+    create_job(store, queue_model, [tmp_path / "n.wav"])
+
+    report = sweep(store, client, settings)
+    assert (report.orphans, report.orphan_shards, report.files) == (7, 3, 0)
+    assert sorted(sum(_queued_shards(redis_db), [])) == ids[1:]
+    # the shards wait in the queue now: no pass sends them again
+    assert sweep(store, client, settings).orphans == 0
+    # lost once more (another restart): sent once more
+    redis_db.flush()
+    assert sweep(store, client, settings).orphans == 7
+    redis_db.flush()
+
+    # a job with something going on is not idle: a file finished just now...
+    with store.session() as s:
+        s.execute(update(File).where(File.id == ids[0]).values(finished_at=utcnow()))
+    assert sweep(store, client, settings).orphans == 0
+    _age(store, job_id, idle + 5)
+    # ... or a file leased by a live worker (it may hold the job's next shard already)
+    store.claim(ids[1:2], "w@host:2:t", lease_seconds=300, max_attempts=3)
+    _age(store, job_id, idle + 5)
+    assert sweep(store, client, settings).orphans == 0
+    store.release(ids[1:2], "w@host:2:t")
+    # any message waiting in any queue: the workers have not caught up, nothing is lost yet
+    client.send_task(TRANSCRIBE_SHARD, kwargs=shard_payload(job_id, ids[1:2]),
+                     queue=INTERACTIVE_QUEUE)
+    assert sweep(store, client, settings).orphans == 0
+    redis_db.flush()
+    assert sweep(store, client, settings).orphans == 7
+    redis_db.flush()
+
+
+def test_files_re_sent_for_a_dead_worker_are_not_sent_twice_in_one_pass(
+        tmp_path, redis_db, queue_model):  # noqa: F811 - fixtures
+    """An idle worker takes a re-sent shard at once, before it claims the files: the empty
+    queue must not make the same pass send them again as lost."""
+    redis_db.flush()
+    url = sqlite_store_url(tmp_path)
+    store = Store(url)
+    settings = dataclasses.replace(Settings.from_env(), database_url=url,
+                                   broker_url=redis_db.url, shard_files=3, sweep_seconds=10)
+    job_id, ids = create_job(store, queue_model, [tmp_path / f"f{i}.wav" for i in range(2)])
+    store.claim(ids, "dead@host:1:t", lease_seconds=-1, max_attempts=3)
+    _age(store, job_id, 3600)
+
+    class Vanishing(type(celery_client(redis_db.url))):
+        """A client whose messages a worker takes at once: the queues look empty."""
+
+        def send_task(self, *args, **kwargs):
+            sent.append(kwargs["kwargs"]["file_ids"])
+
+    sent: list = []
+    client = Vanishing("vanishing", broker=redis_db.url, set_as_current=False)
+    report = sweep(store, client, settings)
+    assert (report.files, report.orphans) == (2, 0) and sent == [ids]
     redis_db.flush()

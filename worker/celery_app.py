@@ -64,6 +64,9 @@ def configure(app: Celery, s: Settings) -> Celery:
             Queue(BULK_QUEUE, Exchange(BULK_QUEUE, type="direct"), routing_key=BULK_QUEUE),
         ),
         broker_connection_retry_on_startup=True,
+        # today's behaviour, pinned (Celery 6 flips the default): a shard keeps running when
+        # Redis drops; its leases and idempotent writes make a re-delivery harmless
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         result_expires=RESULT_EXPIRES_S,
         # a loaded host can take longer than the default 4 s to bring up a pool child
         worker_proc_alive_timeout=60.0,

@@ -5,6 +5,13 @@ For each claimed file: re-check the path against the allowed roots, hash its con
 existing transcript of the same content and model (unless forced), otherwise run the
 remaining files together through the batched pipeline; write each sibling ``.txt``
 atomically, then record the result. A lease is renewed in the background while the unit runs.
+
+A database outage mid-unit (a PostgreSQL restart or fail-over) does not cost the unit: the
+store writes go through ``PatientStore``, which retries them with backoff for up to
+``STORE_PATIENCE_S`` while the transcripts wait in memory. Letting the shard fail and retry
+instead would give back every file not yet recorded and transcribe it again; waiting costs
+only the outage. The writes are idempotent (one transcript row per file, state changes
+guarded), so a commit whose reply was lost is harmless to repeat.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ichigo_common.paths import PathRefused, check_allowed
-from ichigo_common.store.repo import Claim, Store, TranscriptData
+from ichigo_common.store.repo import Claim, PatientStore, Store, TranscriptData
 from ichigo_common.variants import transcript_key
 
 log = logging.getLogger(__name__)
@@ -136,6 +143,7 @@ def process_claims(
     know fails every file with that reason.
     """
 
+    store = PatientStore.of(store)  # a database outage waits; it does not fail the unit
     report = UnitReport()
     outcome = _Outcomes(report, on_file, on_result)
     from ichigo_pipeline import __version__

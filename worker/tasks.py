@@ -13,6 +13,10 @@ are leased by another worker, the task checks again once that lease could have e
 child is re-queued at once, long before its lease ends), the files are claimed again, their
 attempts counted, and a poison file is failed after ``ICHIGO_MAX_ATTEMPTS``.
 
+A database outage while a shard runs is waited out (``PatientStore``, see ``runner``); one
+that outlasts that patience gives every file back and fails none of them (it says nothing
+about the files), and the shard retries through the broker.
+
 The model loads lazily in the pool child (never in the parent: CUDA does not survive fork)
 and stays loaded for the next shards of the same model.
 """
@@ -32,7 +36,7 @@ from sqlalchemy import select
 
 from ichigo_common.settings import Settings, get_settings
 from ichigo_common.store.models import File
-from ichigo_common.store.repo import Claim, Store, aware_utc
+from ichigo_common.store.repo import Claim, PatientStore, Store, aware_utc, is_transient
 from ichigo_common.tasks import TRANSCRIBE_SHARD
 
 from .celery_app import app
@@ -113,11 +117,12 @@ def _held_elsewhere(store: Store, file_ids: list[int], owner: str) -> float | No
 
 
 def _give_back(
-    store: Store, claims: list[Claim], owner: str, reason: str, max_attempts: int
+    store: Store, claims: list[Claim], owner: str, reason: str, max_attempts: int | None
 ) -> int:
     """After a failure outside any one file: fail the files still ours that have had their
-    last attempt (with the real reason), release the others so they are claimable at once.
-    Returns how many were released."""
+    last attempt (with the real reason), release the others so they are claimable at once;
+    ``max_attempts`` None fails none (the failure says nothing about the files). Returns how
+    many were released."""
     ids = [c.id for c in claims]
     with store.session() as s:
         ours = set(
@@ -127,10 +132,11 @@ def _give_back(
                 )
             )
         )
-    last = [c for c in claims if c.id in ours and c.attempts >= max_attempts]
+    limit = max_attempts if max_attempts is not None else float("inf")
+    last = [c for c in claims if c.id in ours and c.attempts >= limit]
     for c in last:
         store.record_failure(c.id, f"{reason} (attempt {c.attempts} of {max_attempts})")
-    again = [c.id for c in claims if c.id in ours and c.attempts < max_attempts]
+    again = [c.id for c in claims if c.id in ours and c.attempts < limit]
     if again:
         store.release(again, owner)
     return len(again)
@@ -188,7 +194,11 @@ class _Progress:
         try:
             if not self.task.request.ignore_result:  # a sender that wants no result
                 self.task.update_state(state="PROGRESS", meta=meta)
-            self.task.send_event("task-progress", **meta)
+            # Flower keeps only known fields of a task: ``result`` carries the progress, so
+            # its task list shows state PROGRESS with "finished/total" while a shard runs
+            summary = (f"{finished}/{self.total} files ({report.done} done, "
+                       f"{report.reused} reused, {meta['failed']} failed)")
+            self.task.send_event("task-progress", result=summary, **meta)
         except Exception as exc:  # noqa: BLE001 - progress is best effort
             log.debug("progress not sent: %s", exc)
 
@@ -268,10 +278,10 @@ def _process(
     except Exception as exc:
         # not one file's fault (process_claims records each file's own errors): the model
         # did not load, the store failed... hand the files back and try again; the store's
-        # attempt count ends this for a file that keeps failing.
-        left = _give_back(
-            store, claims, owner, f"worker error: {exc}"[:1500], settings.max_attempts
-        )
+        # attempt count ends this for a file that keeps failing. A database outage longer
+        # than the store's patience fails no file: it says nothing about them.
+        limit = None if is_transient(exc) else settings.max_attempts
+        left = _give_back(store, claims, owner, f"worker error: {exc}"[:1500], limit)
         log.exception("shard of job %s failed; %d files released", job.id, left)
         if left:
             raise task.retry(exc=exc, countdown=_backoff(task.request.retries)) from exc
@@ -288,7 +298,8 @@ def transcribe_shard(self, job_id: str, file_ids: list[int]) -> dict:
     """Transcribe the claimable files among ``file_ids`` of job ``job_id``."""
     job_id, file_ids = _validate(job_id, file_ids)
     settings = get_settings()
-    store = Store(settings.database_url)
+    # result writes, give-backs and closing the job wait out a short database outage
+    store = PatientStore(settings.database_url)
     host = self.request.hostname or socket.gethostname()
     owner = f"{host}:{os.getpid()}:{self.request.id}"
     summary: dict[str, Any] = {

@@ -6,7 +6,9 @@ Every write is idempotent where a unit can run twice (late acks): one transcript
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import islice
@@ -14,10 +16,13 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from .db import get_engine, session_scope
 from .models import File, Job, Transcript, utcnow
+
+log = logging.getLogger(__name__)
 
 OPEN_STATES = ("pending", "queued", "running")
 FINAL_FILE_STATES = ("done", "failed", "cancelled")
@@ -377,6 +382,37 @@ class Store:
                         lease_expires_at=utcnow() - timedelta(seconds=1))
             )
 
+    def idle_queued_files(self, idle_seconds: float, limit: int = 10_000) -> list[tuple[str, int]]:
+        """(job_id, file_id) of the queued files of queued/running jobs in which nothing has
+        happened for ``idle_seconds``: created before, no file claimed or finished since, none
+        leased right now. Jobs still ``expanding`` are left out (the producer has not sent
+        all their shards yet). One query, whatever the number of jobs."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=idle_seconds)
+        busy = (
+            select(File.id)
+            .where(
+                File.job_id == Job.id,
+                or_(
+                    (File.state == "running") & (File.lease_expires_at >= now),
+                    File.started_at >= cutoff,
+                    File.finished_at >= cutoff,
+                ),
+            )
+            .exists()
+        )
+        idle_jobs = select(Job.id).where(
+            Job.state.in_(("queued", "running")), Job.created_at < cutoff, ~busy
+        )
+        with self.session(readonly=True) as s:
+            rows = s.execute(
+                select(File.job_id, File.id)
+                .where(File.state == "queued", File.job_id.in_(idle_jobs))
+                .order_by(File.job_id, File.id)
+                .limit(limit)
+            ).all()
+        return [(job_id, file_id) for job_id, file_id in rows]
+
     def complete_jobs(self) -> list[str]:
         """Ids of queued/running jobs that no longer have an open file (the worker that
         finished their last file died before closing the job)."""
@@ -402,4 +438,84 @@ class Store:
         )
 
 
-__all__ = ["Store", "Claim", "TranscriptData", "aware_utc"]
+def is_transient(exc: BaseException) -> bool:
+    """The database could not be reached or dropped the connection (a restart, a fail-over,
+    SQLite's lock wait running out), as opposed to a bad query or a broken schema (SQLite
+    reports "no such table" as an OperationalError too: not transient)."""
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    if getattr(exc, "connection_invalidated", False):
+        return True
+    if type(exc.orig).__module__.startswith("sqlite3"):
+        return any(word in str(exc.orig).lower() for word in ("locked", "busy", "i/o"))
+    return True
+
+
+#: how long a patient store call waits for the database before giving up
+STORE_PATIENCE_S = 120.0
+
+
+class PatientStore(Store):
+    """A ``Store`` whose result writes wait out a short database outage instead of failing.
+
+    Used while a unit of work runs: its transcripts are computed and its ``.txt`` files
+    written, so waiting a few seconds for a restarting database beats giving the files back
+    and transcribing them again. Only idempotent calls are patient (a write whose commit
+    reply was lost may run twice): recording a result, a reuse or a failure, giving files
+    back, looking up a transcript, closing the job. ``claim`` is not (a lost reply would
+    leave files leased to nobody); the task retries it through the broker. Errors other
+    than ``is_transient`` ones, and outages longer than ``patience_s``, are raised as before.
+    """
+
+    def __init__(self, url: str, patience_s: float = STORE_PATIENCE_S):
+        super().__init__(url)
+        self.patience_s = patience_s
+
+    @classmethod
+    def of(cls, store: Store, patience_s: float = STORE_PATIENCE_S) -> PatientStore:
+        return store if isinstance(store, PatientStore) else cls(store.url, patience_s)
+
+    def _patiently(self, method: Callable[..., Any], *args: Any) -> Any:
+        """``method(self, *args)`` (a plain ``Store`` method), retried with backoff (0.5 s
+        doubling to 5 s) while the error is transient and the patience lasts."""
+        deadline = time.monotonic() + self.patience_s
+        wait, failures = 0.5, 0
+        while True:
+            try:
+                value = method(self, *args)
+            except Exception as exc:
+                if not is_transient(exc) or time.monotonic() + wait > deadline:
+                    raise
+                failures += 1
+                if failures == 1:
+                    log.warning("store unavailable during %s (%s); retrying for up to %.0f s",
+                                method.__name__, str(exc).splitlines()[0][:200],
+                                self.patience_s)
+                time.sleep(wait)
+                wait = min(wait * 2, 5.0)
+                continue
+            if failures:
+                log.warning("store back: %s went through after %d retries", method.__name__,
+                            failures)
+            return value
+
+    def find_transcript(self, content_hash: str, model: str) -> Transcript | None:
+        return self._patiently(Store.find_transcript, content_hash, model)
+
+    def record_result(self, file_id: int, data: TranscriptData, size: int | None = None) -> int:
+        return self._patiently(Store.record_result, file_id, data, size)
+
+    def record_reuse(self, file_id: int, transcript: Transcript, size: int | None = None) -> None:
+        self._patiently(Store.record_reuse, file_id, transcript, size)
+
+    def record_failure(self, file_id: int, error: str, duration_s: float | None = None) -> None:
+        self._patiently(Store.record_failure, file_id, error, duration_s)
+
+    def release(self, file_ids: list[int], owner: str) -> None:
+        self._patiently(Store.release, file_ids, owner)
+
+    def finish_job_if_complete(self, job_id: str) -> bool:
+        return self._patiently(Store.finish_job_if_complete, job_id)
+
+
+__all__ = ["Store", "PatientStore", "Claim", "TranscriptData", "aware_utc", "is_transient"]
