@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from ..deps import ServicesDep
+from ..deps import Services, ServicesDep
 from ..queue import check_broker, ping_workers
 
 router = APIRouter(tags=["health"])  # never behind the API key
@@ -49,12 +49,14 @@ async def healthz(services: ServicesDep, workers: bool = True) -> JSONResponse:
 
 @status_router.get("/health/server-status")
 async def server_status(services: ServicesDep) -> JSONResponse:
-    """Upstream's health endpoint (behind the API key when one is set): database, broker
-    and workers; 200 when database and broker answer, else 503."""
+    """Upstream's health endpoint, with the same probes as ``/healthz`` (workers always
+    pinged): 200 when database and broker answer, else 503. Behind the API key when one is
+    set, like everything but ``/healthz``."""
     return await _health(services, True)
 
 
-async def _health(services, workers: bool) -> JSONResponse:
+async def _health(services: Services, workers: bool) -> JSONResponse:
+    """Database and broker probed side by side, then (if asked) the workers pinged."""
 
     def database() -> None:
         with services.store.session() as s:
