@@ -289,5 +289,7 @@ def register(sub) -> None:
     a.set_defaults(func=_api)
 
     from .monitor import register as register_monitor
+    from .watch import register as register_watch
 
     register_monitor(sub)
+    register_watch(sub)

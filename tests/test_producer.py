@@ -225,7 +225,7 @@ def test_producer_never_imports_torch_pipeline_or_worker():
     helpers (preset names, token strings), never torch, numpy-heavy code or the worker."""
     allowed = ("ichigo_pipeline", "ichigo_pipeline.preset_files", "ichigo_pipeline.sound_tokens")
     code = ("import sys, producer.app, producer.cli, producer.client, producer.enqueue, "
-            "producer.routes.interactive; "
+            "producer.routes.interactive, producer.watch, producer.monitor; "
             f"allowed = {allowed!r}; "
             "bad = [m for m in sys.modules if m in ('torch', 'transformers', 'worker') "
             "or m.startswith(('torch.', 'worker.')) "

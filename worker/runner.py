@@ -16,17 +16,14 @@ guarded), so a commit whose reply was lost is harmless to repeat.
 
 from __future__ import annotations
 
-import errno
 import glob
-import hashlib
 import logging
-import os
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ichigo_common.hashing import content_hash
 from ichigo_common.paths import PathRefused, check_allowed
 from ichigo_common.store.repo import Claim, PatientStore, Store, TranscriptData
 from ichigo_common.variants import transcript_key
@@ -40,22 +37,6 @@ class UnitReport:
     reused: int = 0
     failed: int = 0
     audio_s: float = 0.0
-
-
-def content_hash(path: Path) -> tuple[str, int]:
-    """(sha256, size) of a regular file. Opened without blocking and checked first: a path
-    replaced by a FIFO or a device after it was queued must fail, not hang the worker."""
-    digest = hashlib.sha256()
-    size = 0
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file")
-    with os.fdopen(fd, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
 
 
 class LeaseKeeper:
