@@ -24,15 +24,11 @@ import numpy as np
 import torch
 import torchaudio
 
+from ichigo_common.audio_types import AUDIO_EXTENSIONS  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-
-#: Lowercase file suffixes accepted as audio input. Every one of them is
-#: demuxed and decoded by the PyAV build we ship (see tests/test_audio.py).
-AUDIO_EXTENSIONS: frozenset[str] = frozenset(
-    {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mka", ".wma"}
-)
 
 # packed sample-format name -> (offset, scale): value = (x - offset) * scale
 _INT_FORMATS: dict[str, tuple[float, float]] = {

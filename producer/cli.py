@@ -250,7 +250,8 @@ def _add_api_option(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
-    """Add ``submit``, ``jobs`` and ``api`` to an ``ichigo`` subparsers object."""
+    """Add ``submit``, ``jobs``, ``api``, ``flower`` (``monitor``) and ``watch`` to an ``ichigo``
+    subparsers object."""
     p = sub.add_parser("submit", help="queue files or folders for the workers")
     p.add_argument("paths", nargs="*", metavar="PATH", help="audio files or folders")
     p.add_argument("--glob", action="append", default=[], dest="globs", metavar="G",

@@ -21,16 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
+from ichigo_common.audio_types import AUDIO_EXTENSIONS
 from ichigo_common.paths import PathRefused, check_allowed
 
 log = logging.getLogger(__name__)
 
 #: Lowercase suffixes of the audio files a folder or glob contributes (explicitly named files
-#: are taken whatever their suffix). Kept equal to ``ichigo_pipeline.audio.AUDIO_EXTENSIONS``
-#: without importing the pipeline (and torch) into the producer.
-AUDIO_SUFFIXES: frozenset[str] = frozenset(
-    {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mka", ".wma"}
-)
+#: are taken whatever their suffix): the pipeline's own set, from its torch-free home.
+AUDIO_SUFFIXES: frozenset[str] = AUDIO_EXTENSIONS
 
 _MAGIC = re.compile(r"[*?[]")
 

@@ -9,7 +9,9 @@ A file is enqueued once, and only when it is completely written:
   scans exist); a file written to with no close event yet (its writer still holds it open)
   must stay unchanged for ``stall`` seconds instead, so a slow writer is not cut short;
 - the service's own outputs (``.txt``, hidden temp files) and non-audio files are ignored
-  (the same suffix rule as folder submissions, ``producer.expand.is_audio``);
+  (the same suffix rule as folder submissions, ``producer.expand.is_audio``, on the one
+  suffix set ``ichigo_common.audio_types.AUDIO_EXTENSIONS``), as is anything under a
+  hidden sub-folder (a folder walk does not enter those either);
 - what was submitted is remembered by (path, mtime, size): the same file is not submitted
   again unless its content changes.
 
@@ -22,7 +24,11 @@ At start (and when a folder that disappeared comes back) the folder is scanned: 
 without a transcript is enqueued; audio whose sibling ``.txt`` exists and whose content the
 store already transcribed with the same model is not. A broker that is down keeps the group
 waiting (retried with backoff); an unreadable file or a vanished folder is logged, never
-fatal. SIGTERM / SIGINT: submit what is ready, then stop.
+fatal (an unreadable file is still submitted, so the worker records it as failed with its
+reason, visible in the job). SIGTERM / SIGINT: submit what is ready, then stop.
+
+``FolderWatcher`` (with ``Readiness`` and ``Grouper``) is the logic and knows nothing of
+watchdog: tests drive it with paths and clock values. ``WatchService`` is the plumbing.
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ import logging
 import os
 import queue
 import signal
+import stat
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ichigo_common.hashing import content_hash
@@ -45,13 +52,14 @@ from ichigo_common.settings import Settings, get_settings
 from ichigo_common.store.repo import Store
 from ichigo_common.variants import transcript_key
 
-from .expand import check_path, is_audio, walk
+from .expand import check_inputs, check_path, is_audio, walk
 from .queue import BrokerUnavailable
 
 log = logging.getLogger("ichigo.watch")
 
 MAX_GROUP = 500
 TICK_S = 0.2
+FOLDER_CHECK_S = 1.0  # how often vanished (or replaced) folders are looked for
 
 
 @dataclass
@@ -158,10 +166,10 @@ class Grouper:
 
 class FolderWatcher:
     """The watcher's logic, independent of watchdog: feed it paths (``notify``), call
-    ``tick`` regularly; it calls ``submit(paths) -> job_id`` for each group."""
+    ``tick`` regularly; it calls ``submit(paths, name) -> job_id`` for each group."""
 
     def __init__(self, options: WatchOptions, settings: Settings, store: Store,
-                 submit: Callable[[list[str]], str]):
+                 submit: Callable[[list[str], str], str]):
         self.options, self.settings, self.store, self.submit = options, settings, store, submit
         self.readiness = Readiness(options.settle, max(options.settle, options.stall))
         self.grouper = Grouper(options.group, options.max_wait)
@@ -175,50 +183,76 @@ class FolderWatcher:
 
     def notify(self, path: str, now: float | None = None, event: str | None = None) -> None:
         """A file may have been created, written (``modified``), closed or moved in."""
-        if not is_audio(os.path.basename(path)) or not self._inside(path):
+        if not is_audio(os.path.basename(path)) or self.folder_of(path) is None:
             return
         self.readiness.seen(path, time.monotonic() if now is None else now, event)
 
-    def _inside(self, path: str) -> bool:
+    def folder_of(self, path: str) -> Path | None:
+        """The watched folder ``path`` belongs to, or None: outside every folder, deeper than
+        a non-recursive watch reaches, or under a hidden sub-folder (which a folder walk
+        skips too, so events and catch-up agree)."""
         parent = Path(path).parent
         for folder in self.options.folders:
-            if parent == folder or (self.options.recursive and parent.is_relative_to(folder)):
-                return True
-        return False
+            if parent == folder:
+                return folder
+            if self.options.recursive and parent.is_relative_to(folder):
+                if not any(p.startswith(".") for p in parent.relative_to(folder).parts):
+                    return folder
+        return None
 
     def scan(self, folder: Path) -> int:
         """Catch up with a folder: its audio not yet transcribed becomes candidates."""
         found = 0
         try:
             for item in walk(folder, self.options.recursive, self.settings.allowed_roots):
-                if item.error is None and not self._already_done(item.path):
+                if item.error is not None:
+                    log.warning("skipped %s: %s", item.path, item.error)
+                elif not self._known(item.path) and not self._already_done(item.path):
                     self.notify(item.path)
                     found += 1
         except OSError as exc:
             log.warning("cannot scan %s: %s", folder, exc.strerror or exc)
         return found
 
+    def _known(self, path: str) -> bool:
+        """Submitted by this process already with its current size and mtime (a folder
+        that comes back is scanned again; what was queued from it needs no hashing)."""
+        sig = _signature(path)
+        return sig is not None and self.submitted.get(path) == sig
+
     def _already_done(self, path: str) -> bool:
-        """Sibling .txt present and this content transcribed with this model already."""
+        """Sibling .txt present and this content transcribed with this model already.
+
+        Any doubt (unreadable file, store unreachable) means "not done": the file is
+        queued and the worker either reuses the stored transcript or records the error."""
         if not Path(path).with_suffix(".txt").exists():
             return False
         try:
             digest, _ = content_hash(Path(path))
-            key = transcript_key(self.model, self.options.language, None)
-            return self.store.find_transcript(digest, key) is not None
         except OSError as exc:
             log.warning("cannot read %s: %s", path, exc.strerror or exc)
-            return False  # the worker will record why it cannot read it
+            return False
+        try:
+            key = transcript_key(self.model, self.options.language, None)
+            return self.store.find_transcript(digest, key) is not None
+        except Exception as exc:  # noqa: BLE001 - store down: queue it, the worker dedupes
+            log.warning("cannot look up %s in the store: %s", path, exc)
+            return False
 
     # -- output --------------------------------------------------------------------------
 
     def tick(self, now: float | None = None) -> str | None:
         """Move settled files to the group, submit the group when due; returns a job id."""
         now = time.monotonic() if now is None else now
+        added = 0
         for path, size, mtime_ns in self.readiness.ready(now):
             if self.submitted.get(path) == (size, mtime_ns):
                 continue  # same content as submitted already
             self.grouper.add(path, size, mtime_ns, now)
+            added += 1
+        if added:
+            log.info("ready: %d more, %d waiting for the burst to end", added,
+                     len(self.grouper.items))
         if not self.grouper.due(now) or now < self.retry_at:
             return None
         return self.flush(now)
@@ -230,7 +264,7 @@ class FolderWatcher:
         if not paths:
             return None
         try:
-            job_id = self.submit(paths)
+            job_id = self.submit(paths, self.job_name(paths))
         except (BrokerUnavailable, ConnectionError) as exc:
             self._retry_later(items, now, f"broker unavailable: {exc}")
             return None
@@ -247,16 +281,24 @@ class FolderWatcher:
     def _submittable(self, items: dict[str, tuple[int, int]]) -> list[str]:
         paths = []
         for path in items:
-            try:
-                check_path(path, self.settings.allowed_roots)
-            except (PathRefused, OSError) as exc:
+            try:  # the checks submit_job makes, one file at a time: one bad file alone
+                check_inputs([path], (), False, self.settings.allowed_roots)  # is left out
+            except (PathRefused, OSError, ValueError) as exc:
                 log.warning("skipped %s: %s", path, exc)
                 continue
             if _signature(path) is None:
                 log.info("skipped %s: gone before it was submitted", path)
                 continue
+            if not os.access(path, os.R_OK):  # workers may run as another user: still queued
+                log.warning("%s is not readable by the watcher; queued anyway, the worker "
+                            "records it as failed if it cannot read it either", path)
             paths.append(path)
         return paths
+
+    def job_name(self, paths: list[str]) -> str:
+        """``watch <folder>``: the watched folder(s) the group came from."""
+        folders = dict.fromkeys(str(self.folder_of(p) or Path(p).parent) for p in paths)
+        return ("watch " + ", ".join(folders))[:200]
 
     def _retry_later(self, items, now: float, reason: str) -> None:
         self.failures += 1
@@ -287,13 +329,34 @@ class _Events:
             self.sink.put((event.src_path, True, kind))
 
 
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, None when it is not one (gone, or replaced by a file)."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _observing(observer) -> bool:
+    """The observer and its emitter threads run. An inotify emitter stops for good when its
+    folder is deleted, even if a new folder (possibly on the same inode) takes its place."""
+    if observer is None or not observer.is_alive():
+        return False
+    emitters = getattr(observer, "emitters", None)
+    return emitters is None or (bool(emitters) and all(e.is_alive() for e in emitters))
+
+
 class WatchService:
-    """Observers per folder, re-created when a folder disappears and comes back."""
+    """Observers per folder, re-created when a folder disappears and comes back (or is
+    replaced by a new folder between two checks: an inotify watch follows the old inode)."""
 
     def __init__(self, watcher: FolderWatcher, options: WatchOptions):
         self.watcher, self.options = watcher, options
         self.events: queue.Queue = queue.Queue()
         self.observers: dict[Path, object] = {}
+        self.identity: dict[Path, tuple[int, int]] = {}
+        self.absent: set[Path] = set()
         self.stopping = threading.Event()
 
     def _observe(self, folder: Path) -> None:
@@ -312,28 +375,41 @@ class WatchService:
         log.info("watching %s (%s); %d files to catch up", folder,
                  "polling" if self.options.polling else "events", found)
 
-    def _drop(self, folder: Path) -> None:
+    def _drop(self, folder: Path, why: str) -> None:
         observer = self.observers.pop(folder, None)
+        self.identity.pop(folder, None)
         if observer is not None:
             try:
                 observer.stop()
                 observer.join(timeout=5)
             except Exception:  # noqa: BLE001 - a dead emitter may fail to stop cleanly
                 pass
-            log.warning("folder %s disappeared; waiting for it to come back", folder)
+            log.warning("folder %s %s", folder, why)
 
     def check_folders(self) -> None:
+        """Start an observer for every folder present and not (or no longer) observed;
+        stop those whose folder is gone. Called about once a second, so a vanished folder
+        is polled for and picked up again, with a catch-up scan, when it comes back."""
         for folder in self.options.folders:
-            present = folder.is_dir()
-            alive = folder in self.observers and self.observers[folder].is_alive()
-            if present and not alive:
-                self._drop(folder)
-                try:
-                    self._observe(folder)
-                except OSError as exc:
-                    log.warning("cannot watch %s: %s", folder, exc)
-            elif not present and folder in self.observers:
-                self._drop(folder)
+            ident = _identity(folder)
+            observer = self.observers.get(folder)
+            if ident is None:
+                if observer is not None:
+                    self._drop(folder, "disappeared; waiting for it to come back")
+                elif folder not in self.absent:
+                    log.warning("folder %s does not exist; waiting for it", folder)
+                self.absent.add(folder)
+                continue
+            self.absent.discard(folder)
+            if _observing(observer) and self.identity.get(folder) == ident:
+                continue
+            if observer is not None:
+                self._drop(folder, "was replaced or its observer stopped; watching it again")
+            try:
+                self._observe(folder)
+                self.identity[folder] = ident
+            except OSError as exc:  # e.g. the inotify watch limit
+                log.warning("cannot watch %s: %s", folder, exc)
 
     def drain(self) -> None:
         while True:
@@ -349,20 +425,34 @@ class WatchService:
                 # events: there the size check alone decides
                 self.watcher.notify(path, event=None if self.options.polling else kind)
 
+    def _step(self, check: bool) -> None:
+        """One turn of the loop. An unexpected error is logged and the loop goes on: one
+        bad file or a store hiccup must not stop the watching of every folder."""
+        try:
+            if check:
+                self.check_folders()
+            self.drain()
+            self.watcher.tick()
+        except Exception:  # noqa: BLE001
+            log.exception("watcher step failed; going on")
+
     def run(self) -> None:
-        last_check = 0.0
+        last_check = -1.0
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
-                if now - last_check >= 1.0:
-                    self.check_folders()
+                check = last_check < 0 or now - last_check >= FOLDER_CHECK_S
+                if check:
                     last_check = now
-                self.drain()
-                self.watcher.tick()
+                self._step(check)
                 self.stopping.wait(TICK_S)
-            self.drain()
-            self.watcher.tick()
+            log.info("stopping: submitting what is ready")
+            self._step(False)
             self.watcher.flush()  # what is ready goes out before we stop
+            left = len(self.watcher.grouper.items) + len(self.watcher.readiness.pending)
+            if left:
+                log.warning("%d files not submitted; the catch-up at the next start finds "
+                            "them", left)
         finally:
             for folder in list(self.observers):
                 self.observers.pop(folder).stop()
@@ -372,11 +462,35 @@ class WatchService:
 
 
 def _folders(texts: Iterable[str], settings: Settings) -> tuple[Path, ...]:
+    """The resolved folders, each under the allowed roots (workers refuse anything else, so
+    watching it would only queue failures). One that does not exist yet is waited for."""
     folders = []
     for text in texts:
         path = check_path(os.path.abspath(os.path.expanduser(text)), settings.allowed_roots)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{text}: not a folder")
         folders.append(path)
     return tuple(dict.fromkeys(folders))
+
+
+def _checked_model(options: WatchOptions, settings: Settings) -> str:
+    """The model as jobs store it (a .yaml path resolved), so the catch-up looks transcripts
+    up under the same key. Raises at start for a model or language every submission would
+    be refused for, instead of retrying each group forever."""
+    from .enqueue import JobSpec, _check_options
+
+    model, _ = _check_options(JobSpec(model=options.model, language=options.language,
+                                      source="watch"), settings)
+    return model
+
+
+def _options(args: argparse.Namespace, settings: Settings) -> WatchOptions:
+    from .cli import _model_arg
+
+    options = WatchOptions(_folders(args.folders, settings), args.recursive,
+                           _model_arg(args.model), args.language, args.settle, args.stall,
+                           args.group, max(args.group, args.max_wait), args.polling)
+    return replace(options, model=_checked_model(options, settings))
 
 
 def run_watch(args: argparse.Namespace) -> int:
@@ -387,25 +501,24 @@ def run_watch(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     try:
-        folders = _folders(args.folders, settings)
+        options = _options(args, settings)
     except PathRefused as exc:
         print(f"ichigo: {exc} (ICHIGO_ALLOWED_ROOTS: workers only read under these)",
               file=sys.stderr)
+        return 2
+    except ValueError as exc:  # not a folder, or an InvalidSubmission (model, language)
+        print(f"ichigo: {exc}", file=sys.stderr)
         return 2
     try:
         ensure_schema(settings.database_url)
     except Exception as exc:  # noqa: BLE001
         print(f"ichigo: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    options = WatchOptions(folders, args.recursive, args.model, args.language, args.settle,
-                           args.stall, args.group, max(args.group, args.max_wait),
-                           args.polling)
     store, celery = Store(settings.database_url), make_celery(settings)
 
-    def submit(paths: list[str]) -> str:
+    def submit(paths: list[str], name: str) -> str:
         return submit_job(store, celery, settings, paths=paths, model=options.model,
-                          language=options.language, source="watch",
-                          name=f"watch {os.path.commonpath(paths)}"[:200])
+                          language=options.language, source="watch", name=name)
 
     service = WatchService(FolderWatcher(options, settings, store, submit), options)
     for sig in (signal.SIGTERM, signal.SIGINT):
