@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--model", default="whisper-tiny.en")
     parser.add_argument("--redis-db", type=int, default=12)
     parser.add_argument("--speech", type=Path, default=REPO.parent / "shared" / "speech")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
     from fastapi.testclient import TestClient
@@ -114,6 +116,10 @@ def main() -> None:
         f"{inproc_wall / queue_wall:.2f}x |\n"
     )
     print(text)
+    if args.json:  # bench/compare.py reads this and writes its own table
+        args.json.write_text(json.dumps({"files": len(files), "audio_s": audio_s,
+                                         "inproc_wall_s": inproc_wall, "queue_wall_s": queue_wall}))
+        return
     out = REPO / "bench" / "results" / f"queue-overhead-{dt.date.today()}.md"
     out.write_text(text)
 

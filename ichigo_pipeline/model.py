@@ -146,6 +146,34 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def quantize_linear_int8(model: IchigoModel) -> bool:
+    """Int8 dynamic quantization (weights int8 per channel, activations quantized per batch)
+    of the Whisper encoder's and decoder's float32 linear layers, on CPU only.
+
+    Opt-in only: it trades exactness for speed (1.3-1.5x on the project's 2-core benchmark;
+    WER moved by +0.2 points on tiny.en but +2 on whisper-base, see bench/NOTES.md). Sound
+    tokens no longer match upstream's, and activation scales are computed per batch, so a
+    transcript can depend on which chunks share its batch. Parts not in float32 (an
+    upstream-exact float16 decoder) are left alone. Returns whether anything was quantized.
+    """
+    if model.device.type != "cpu":
+        log.warning("ICHIGO_INT8_LINEAR ignored: int8 dynamic quantization is CPU only")
+        return False
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    parts = [
+        (part, dtype)
+        for part, dtype in (
+            (model.whisper.model.encoder, model.encoder_dtype),
+            (model.whisper.model.decoder, model.decoder_dtype),
+        )
+        if dtype == torch.float32
+    ]
+    for part, _ in parts:
+        quantize_dynamic(part, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+    return bool(parts)
+
+
 class IchigoModel:
     """Whisper encoder -> (quantizer -> de-quantizer) -> Whisper decoder, for padded batches."""
 
@@ -155,7 +183,10 @@ class IchigoModel:
         device: str | None = None,
         encoder_dtype: str | torch.dtype | None = None,
         decoder_dtype: str | torch.dtype | None = None,
+        int8_linear: bool | None = None,
     ):
+        """``int8_linear`` (default: env ICHIGO_INT8_LINEAR=1): opt-in int8 dynamic
+        quantization of the float32 linear layers on CPU (see ``quantize_linear_int8``)."""
         self.spec = spec
         self.device = pick_device(device)
         enc_default, dec_default = default_dtypes(spec, self.device)
@@ -180,6 +211,9 @@ class IchigoModel:
             self.quantizer = load_quantizer(str(qpath), spec.quantizer).to(self.device)
             self.quantizer_source = str(qpath)
         self.decoder = BatchDecoder(self.whisper, self.tokenizer, spec.decoding, self.decoder_dtype)
+        if int8_linear is None:
+            int8_linear = os.environ.get("ICHIGO_INT8_LINEAR", "") in ("1", "true", "yes")
+        self.int8_linear = int8_linear and quantize_linear_int8(self)
         self.n_mels = self.whisper.config.num_mel_bins
         # Upstream Ichigo pads the log-mel with -1.5; plain Whisper pads it with zeros.
         self.mel_pad_value = -1.5 if spec.is_ichigo else 0.0
