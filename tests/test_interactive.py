@@ -155,13 +155,21 @@ def speech_dir_or_none() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def expected(codebook_model, clips):
+def local_model(codebook_model):
+    """The same model in this process, decoding in float32 as the workers do (worker_env);
+    passed explicitly, never through the environment other tests share."""
+    from ichigo_pipeline.model import IchigoModel, ModelSpec
+
+    return IchigoModel(ModelSpec.resolve(str(codebook_model)), device="cpu",
+                       decoder_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def expected(local_model, clips):
     """What the in-process pipeline gives on the same model and audio."""
-    from ichigo_pipeline.api import get_model
     from ichigo_pipeline.pipeline import BatchPipeline
 
-    os.environ.setdefault("ICHIGO_DECODER_DTYPE", "float32")
-    model = get_model(str(codebook_model), "cpu")
+    model = local_model
     results = {r.path: r for r in BatchPipeline(model, batch_size=4).run(
         [str(p) for p in clips.values()])}
     return {name: results[str(p)] for name, p in clips.items()}
@@ -257,9 +265,11 @@ def _curl(*args: str) -> tuple[int, str]:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_upstream_readme_curl_requests(server, clips, expected, codebook_model):
+def test_upstream_readme_curl_requests(server, clips, expected, local_model):
     """The three curl requests of upstream's README, with only host and file changed."""
-    from ichigo_pipeline.api import decode_stoks
+    import torch
+
+    from ichigo_pipeline.sound_tokens import as_chunks
 
     cwd = clips["short"].parent
     os.chdir(cwd)  # the README's `-F "file=@sample.wav"` is relative
@@ -280,7 +290,9 @@ def test_upstream_readme_curl_requests(server, clips, expected, codebook_model):
     assert code == 200, body
     reply = json.loads(body)
     assert set(reply) == {"model", "text"}
-    want = decode_stoks(json.loads(UPSTREAM_R2T)["tokens"], str(codebook_model), "cpu")
+    (ids,) = as_chunks(json.loads(UPSTREAM_R2T)["tokens"])
+    (decoded,) = local_model.decode(local_model.dequantize([torch.tensor(ids)]))
+    want = decoded.text.strip()
     assert reply["text"] == want
 
 
@@ -405,15 +417,13 @@ def test_no_worker_and_no_broker_answer_503_fast(tmp_path, codebook_model):
             assert not (tmp_path / "up").exists() or not list((tmp_path / "up").iterdir())
 
 
-def test_prompt_and_language_reach_the_decoder(server, clips, codebook_model):
+def test_prompt_and_language_reach_the_decoder(server, clips, local_model):
     """A request's prompt decodes exactly as the in-process pipeline with that prompt; a
     language the (English-only) model cannot take fails with the reason."""
-    from ichigo_pipeline.api import get_model
     from ichigo_pipeline.pipeline import BatchPipeline
 
     prompt = "Minutes of the weekly meeting, with names."
-    model = get_model(str(codebook_model), "cpu")
-    (want,) = BatchPipeline(model, prompt=prompt).run([str(clips["short"])])
+    (want,) = BatchPipeline(local_model, prompt=prompt).run([str(clips["short"])])
     with open(clips["short"], "rb") as fh:
         out = _openai(server).audio.transcriptions.create(model="ichigo", file=fh, prompt=prompt)
     assert out.text == want.text
