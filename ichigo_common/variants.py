@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 
 
-def transcript_key(model: str, language: str | None = None, prompt: str | None = None) -> str:
-    parts = []
+def transcript_key(model: str, language: str | None = None, prompt: str | None = None,
+                   int8: bool = False) -> str:
+    """``int8``: the worker runs the opt-in int8 linear layers (ICHIGO_INT8_LINEAR), whose
+    transcripts differ from the exact ones and must not be served for them."""
+    parts = ["int8"] if int8 else []
     if language:
         parts.append(f"language={language.lower()}")
     if prompt:

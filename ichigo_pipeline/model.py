@@ -221,7 +221,10 @@ class IchigoModel:
     @cached_property
     def provenance(self) -> dict[str, Any]:
         """What produced a result: preset, weight sources and their hashes."""
-        info: dict[str, Any] = {"preset": self.spec.name, "whisper": self.whisper_source}
+        info: dict[str, Any] = {"preset": self.spec.name, "whisper": self.whisper_source,
+                                "encoder_dtype": str(self.encoder_dtype).removeprefix("torch."),
+                                "decoder_dtype": str(self.decoder_dtype).removeprefix("torch."),
+                                "int8_linear": bool(self.int8_linear)}
         if self.quantizer_source:
             info["quantizer"] = self.quantizer_source
             info["quantizer_sha256"] = _sha256(Path(self.quantizer_source))

@@ -267,3 +267,25 @@ def test_a_failing_batch_is_halved_until_the_bad_chunk_is_alone(tiny_en_model):
     assert states[4].error and "model failed on chunk 0" in states[4].error
     for i in (0, 1, 2, 3, 5):
         assert states[i].error is None and len(states[i].results) == 1, i
+
+
+def test_int8_linear_mode_runs_and_is_kept_apart_in_the_store(tiny_en_yaml, tmp_path):
+    """The opt-in int8 mode quantizes the float32 linear layers (the encoder of an Ichigo
+    preset; its decoder stays upstream-exact float16), still transcribes, says so in its
+    provenance, and its transcripts dedupe under their own key, never served for exact ones."""
+    from ichigo_common.variants import transcript_key
+    from ichigo_pipeline.model import IchigoModel, ModelSpec
+    from ichigo_pipeline.pipeline import BatchPipeline
+
+    from .conftest import speech_like, write_wav
+
+    exact = IchigoModel(ModelSpec.resolve(str(tiny_en_yaml)), device="cpu", int8_linear=False)
+    int8 = IchigoModel(ModelSpec.resolve(str(tiny_en_yaml)), device="cpu", int8_linear=True)
+    assert int8.int8_linear and not exact.int8_linear
+    assert int8.provenance["int8_linear"] is True and exact.provenance["int8_linear"] is False
+    layer = int8.whisper.model.encoder.layers[0].fc1
+    assert type(layer).__module__.startswith("torch.ao.nn.quantized")
+    clip = write_wav(tmp_path / "a.wav", speech_like(3.0, seed=1))
+    (result,) = BatchPipeline(int8).run([clip])
+    assert result.ok and result.ids, result.error
+    assert transcript_key("m", int8=True) != transcript_key("m")

@@ -136,7 +136,8 @@ def process_claims(
     except ValueError as exc:  # the request's options, not the files, are wrong
         _fail_all(store, claims, f"invalid options: {exc}", report, outcome)
         return report
-    model_name = transcript_key(model_name, language, prompt)
+    model_name = transcript_key(model_name, language, prompt,
+                                int8=bool(getattr(model, "int8_linear", False)))
     todo: dict[str, tuple[Claim, str, int]] = {}
     first_of: dict[str, str] = {}  # content hash -> path transcribed for it in this unit
     copies: dict[str, list[tuple[Claim, Path, int]]] = {}  # same content again in this unit
