@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -81,9 +82,31 @@ def claim_redis_db(token: str, candidates: Iterable[int] = range(15, 1, -1)) -> 
                     return db
                 if r.get(LOCK_KEY) == token.encode():
                     r.delete(LOCK_KEY)
+            elif _owner_is_dead(r.get(LOCK_KEY)):
+                # a test session killed before its clean-up (SIGKILL, CI cancelled): its
+                # database would stay locked for hours
+                r.flushdb()
+                if r.set(LOCK_KEY, token, nx=True, ex=LOCK_TTL_S):
+                    return db
         finally:
             r.close()
     pytest.fail("no free Redis database on 127.0.0.1:6379 (all of 2..15 in use)")
+
+
+def lock_token() -> str:
+    """``host:pid-random``: the owner of a test database, checkable for liveness."""
+    return f"{socket.gethostname()}:{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _owner_is_dead(owner: bytes | None) -> bool:
+    """True for a lock of a process of this host that no longer runs."""
+    if not owner:
+        return False
+    host, _, rest = owner.decode(errors="replace").rpartition(":")
+    pid = rest.split("-", 1)[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return not Path(f"/proc/{pid}").exists()
 
 
 def flush_redis_db(db: int, token: str) -> None:
@@ -129,7 +152,7 @@ def own_redis_db() -> Iterator[RedisDb]:
         _redis(0).ping()
     except Exception as exc:  # noqa: BLE001
         pytest.fail(f"Redis on {REDIS_HOST}:{REDIS_PORT} is required for queue tests: {exc}")
-    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    token = lock_token()
     db = claim_redis_db(token)
     try:
         yield RedisDb(db, token)

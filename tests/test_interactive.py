@@ -257,9 +257,9 @@ def test_transcription_is_a_job_deduplicated_and_cleaned_up(server, clips, expec
     assert seen[0].id != seen[1].id
 
 
-def _curl(*args: str) -> tuple[int, str]:
+def _curl(*args: str, cwd: Path) -> tuple[int, str]:
     out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True,
-                         text=True, timeout=300, check=True).stdout
+                         text=True, timeout=300, check=True, cwd=cwd).stdout
     body, code = out.rsplit("\n", 1)
     return int(code), body
 
@@ -272,21 +272,22 @@ def test_upstream_readme_curl_requests(server, clips, expected, local_model):
     from ichigo_pipeline.sound_tokens import as_chunks
 
     cwd = clips["short"].parent
-    os.chdir(cwd)  # the README's `-F "file=@sample.wav"` is relative
+    # the README's `-F "file=@sample.wav"` is relative: curl runs in the clip's folder
     code, body = _curl(f"{server.url}/v1/audio/transcriptions", "-H", "accept: application/json",
                        "-H", "Content-Type: multipart/form-data",
-                       "-F", "file=@sample.wav", "-F", "model=ichigo")
+                       "-F", "file=@sample.wav", "-F", "model=ichigo", cwd=cwd)
     assert code == 200, body
     assert json.loads(body) == {"text": expected["short"].text}
     code, body = _curl(f"{server.url}/s2r", "-H", "accept: application/json",
-                       "-H", "Content-Type: multipart/form-data", "-F", "file=@sample.wav")
+                       "-H", "Content-Type: multipart/form-data", "-F", "file=@sample.wav",
+                       cwd=cwd)
     assert code == 200, body
     reply = json.loads(body)
     assert set(reply) == {"model", "tokens"}
     assert reply["tokens"] == expected["short"].tokens
     assert reply["tokens"].startswith("<|sound_start|><|sound_")
     code, body = _curl(f"{server.url}/r2t", "-X", "POST", "-H", "accept: application/json",
-                       "-H", "Content-Type: application/json", "--data", UPSTREAM_R2T)
+                       "-H", "Content-Type: application/json", "--data", UPSTREAM_R2T, cwd=cwd)
     assert code == 200, body
     reply = json.loads(body)
     assert set(reply) == {"model", "text"}
