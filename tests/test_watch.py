@@ -342,7 +342,7 @@ def test_a_folder_of_real_speech_dropped_in_gets_every_txt_once(rig):
 @pytest.mark.queue
 @pytest.mark.slow
 def test_slow_writer_moved_in_file_and_a_burst(rig, tmp_path):
-    """A file written over 4 s with its handle open (pauses longer than --settle) is queued
+    """A file written over 10 s with its handle open (pauses longer than --settle) is queued
     once, after its last byte; a file renamed into the folder counts; a burst of 30 becomes
     one job (two at most, should the burst straddle a flush)."""
     folder = rig.root / "slow"
@@ -351,11 +351,11 @@ def test_slow_writer_moved_in_file_and_a_burst(rig, tmp_path):
     data = write_wav(tmp_path / "src.wav", speech_like(12.0, seed=5)).read_bytes()
     slow = folder / "slow.wav"
     with open(slow, "wb") as fh:
-        step = len(data) // 5 + 1
+        step = len(data) // 10 + 1
         for i in range(0, len(data), step):
             fh.write(data[i : i + step])
             fh.flush()
-            time.sleep(0.8)
+            time.sleep(1.0)
         finished_writing = time.time()
     outside = tmp_path / "moved.wav"
     write_wav(outside, speech_like(1.5, seed=6))
