@@ -53,6 +53,10 @@ class Decoded:
 
 
 ATTENTION = "ichigo_whisper_sdpa"
+# half-precision logits on CPU are taken from a float32 product with error bounds from this
+# many rows on (below it the half product is cheaper); see _next_tokens_bounded
+BOUNDED_LOGITS_MIN_ROWS = 4
+TIMESTAMP_RULE_MARGIN = 1e-3
 
 
 def _whisper_strides(x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +175,16 @@ class BatchDecoder:
         with torch.no_grad():
             decoder.embed_positions.weight.zero_()
         self.logit_weight = self.token_embedding.to(dtype)
+        # for half precision on CPU: a float32 copy of the (rounded) logit weights and their
+        # row norms, for the bounded logits (see _next_tokens_bounded)
+        self._logit_weight32: torch.Tensor | None = None
+        self._logit_norms: torch.Tensor | None = None
+        self._max_text_norm: torch.Tensor | None = None
+        if _half_on_cpu(self.logit_weight):
+            self._logit_weight32 = self.logit_weight.float()
+            self._logit_norms = self._logit_weight32.double().norm(dim=-1).float()
+            self._max_text_norm = self._logit_norms[: tokenizer.timestamp_begin].max()
+        self.bounded_fallbacks = 0  # rows the bounded logits left to the half product
         self.tokenizer = tokenizer
         self.n_ctx = model.config.max_target_positions
         self._set_options(options)
@@ -216,7 +230,8 @@ class BatchDecoder:
         ids += [tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech]
         return sorted(set(ids))
 
-    def _logits(self, tokens, audio, cache) -> torch.Tensor:
+    def _hidden(self, tokens, audio, cache) -> torch.Tensor:
+        """The decoder's last hidden state [B, width] (in ``dtype``) after ``tokens``."""
         offset = cache.get_seq_length() if cache is not None else 0
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
         embeds = self.token_embedding[tokens] + self.positional_embedding[positions]
@@ -226,8 +241,99 @@ class BatchDecoder:
             cache=cache,
             use_cache=cache is not None,
         )
-        hidden = out.last_hidden_state[:, -1]
-        return (hidden @ self.logit_weight.T).float()
+        return out.last_hidden_state[:, -1]
+
+    def _logits(self, tokens, audio, cache) -> torch.Tensor:
+        return (self._hidden(tokens, audio, cache) @ self.logit_weight.T).float()
+
+    def _next_tokens(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Greedy choice after the decoding rules, from the last hidden states."""
+        if self._bounded_logits_pay(hidden):
+            return self._next_tokens_bounded(hidden, tokens)
+        logits = (hidden @ self.logit_weight.T).float()
+        self._apply_rules(logits, tokens)
+        return logits.argmax(dim=-1)
+
+    def _bounded_logits_pay(self, hidden: torch.Tensor) -> bool:
+        """Half precision on CPU (no float16 units here: PyTorch's half matrix product costs
+        the same per row, batched or not) and enough rows for a float32 product to be
+        cheaper."""
+        return (
+            self._logit_weight32 is not None
+            and _half_on_cpu(hidden)
+            and hidden.shape[0] >= BOUNDED_LOGITS_MIN_ROWS
+        )
+
+    def _wide_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 logits ``s`` [B, V], per-row coefficient of the bound) for half ``hidden``."""
+        wide = hidden.float()
+        gamma = hidden.shape[-1] * 2.0**-24
+        coef = (2.0 * gamma / (1.0 - gamma)) * 1.01 * wide.double().norm(dim=-1).float()
+        return wide @ self._logit_weight32.T, coef
+
+    @staticmethod
+    def _logit_delta(coef, norms, s: torch.Tensor) -> torch.Tensor:
+        """How far the half product's float32 sum can be from ``s``: twice the worst
+        accumulation error (``coef`` times the weight row's norm), plus float32's rounding of
+        ``s +- delta`` itself."""
+        return coef * norms + s.abs().nan_to_num(0.0, posinf=0.0) * 2.0**-22
+
+    def _next_tokens_bounded(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens the half-precision logits would pick, from a float32 product, exactly.
+
+        A half-precision matrix product on CPU multiplies exactly and accumulates in float32,
+        then rounds each sum to half: logit ``L_j = half(S_j)``, ``S_j`` within
+        ``gamma * sum_k |h_k w_jk|`` of the exact dot product (``gamma ~ width * 2**-24``,
+        whatever the order of the additions). The same product done in float32 here, ``s_j``,
+        obeys the same bound, so ``half(s_j - d_j) <= L_j <= half(s_j + d_j)`` with
+        ``d_j = 2 * gamma * |h| * |w_j|`` (Cauchy-Schwarz) plus float32's rounding of
+        ``s_j +- d_j``; rounding is monotonic. A row's token is decided from these bounds
+        only when every logit value within them gives the same decision: the timestamp
+        rule's comparison (with a margin for its float32 rounding), and the best logit's
+        lower bound above every other logit's upper bound. The other rows (near-ties, about
+        0.1% of rows measured) are recomputed in half precision and decided as usual, so the
+        tokens are always those of the half-precision logits.
+        """
+        dtype = hidden.dtype
+        s, coef = self._wide_logits(hidden)
+        delta, norms = self._logit_delta, self._logit_norms
+
+        def half(x: torch.Tensor) -> torch.Tensor:
+            return x.to(dtype).float()
+
+        self._apply_rules(s, tokens, timestamp_rule=False)  # the rules that mask by position
+        unsure = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
+        if self._timestamp_rule_applies():
+            ts_begin = self.tokenizer.timestamp_begin
+            ts = s[:, ts_begin:]
+            d_ts = delta(coef[:, None], norms[None, ts_begin:], ts)
+            ts_lo = half(ts - d_ts).logsumexp(dim=-1)
+            ts_hi = half(ts + d_ts).logsumexp(dim=-1)
+            text_max = s[:, :ts_begin].max(dim=-1).values
+            d_text = delta(coef, self._max_text_norm, text_max)
+            text_lo, text_hi = half(text_max - d_text), half(text_max + d_text)
+            # the rule compares log-probabilities rounded in float32: decide with a margin
+            # (relative to the values' size, which sets float32's rounding)
+            size = torch.stack([ts_hi, text_hi]).abs().nan_to_num(0.0, posinf=0.0).amax(0)
+            margin = TIMESTAMP_RULE_MARGIN * (1.0 + size / 64.0)
+            wins = ts_lo > text_hi + margin
+            loses = ts_hi < text_lo - margin
+            unsure |= ~(wins | loses)
+            s[wins, :ts_begin] = -torch.inf
+        top = s.topk(2, dim=-1)
+        picked = top.indices[:, 0]
+        best, second = top.values[:, 0], top.values[:, 1]
+        d_best = delta(coef, norms[picked], best)
+        d_second = delta(coef, norms.max(), second)
+        # half overflows above 65504: leave such rows to the half product
+        unsure |= ~(half(best - d_best) > half(second + d_second)) | ~(best.abs() < 6.5e4)
+        rows = unsure.nonzero().squeeze(1)
+        if len(rows):
+            logits = (hidden[rows] @ self.logit_weight.T).float()
+            self._apply_rules(logits, tokens[rows])
+            picked[rows] = logits.argmax(dim=-1)
+        self.bounded_fallbacks += len(rows)
+        return picked
 
     def detect_language(self, audio: torch.Tensor) -> list[str]:
         """Most likely language of each item from the first decoder step after ``sot``."""
@@ -239,7 +345,15 @@ class BatchDecoder:
         best = logits[:, lang_ids].argmax(-1).tolist()
         return [codes[i] for i in best]
 
-    def _apply_rules(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    def _timestamp_rule_applies(self) -> bool:
+        return not self.options.without_timestamps
+
+    def _apply_rules(
+        self, logits: torch.Tensor, tokens: torch.Tensor, timestamp_rule: bool = True
+    ) -> None:
+        """openai-whisper's logit filters, in place; ``timestamp_rule`` False leaves out the
+        one that depends on the logits' values (timestamps win when their total probability
+        beats every text token)."""
         tok = self.tokenizer
         ts_begin = tok.timestamp_begin
         first_step = tokens.shape[1] == self.sample_begin
@@ -266,6 +380,8 @@ class BatchDecoder:
         if first_step:
             logits[:, :ts_begin] = -torch.inf
             logits[:, ts_begin + self.max_initial_ts_index + 1 :] = -torch.inf
+        if not timestamp_rule:
+            return
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         ts_logprob = logprobs[:, ts_begin:].logsumexp(dim=-1)
         max_text = logprobs[:, :ts_begin].max(dim=-1).values
@@ -314,11 +430,10 @@ class BatchDecoder:
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         step_input = tokens
         for step in range(self.options.sample_len):
-            logits = self._logits(step_input, audio, cache)
+            hidden = self._hidden(step_input, audio, cache)
             if step == 0:
                 self._relayout_cross_cache(cache)
-            self._apply_rules(logits, tokens)
-            next_tokens = logits.argmax(dim=-1)
+            next_tokens = self._next_tokens(hidden, tokens)
             next_tokens[tokens[:, -1] == eot] = eot
             tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
             step_input = next_tokens[:, None]
