@@ -4,7 +4,7 @@
 Both sides run with a warm model: the worker gets a one-file warm-up job first, the in-process
 side is timed from its own summary line (which excludes start-up). Needs Redis on 127.0.0.1.
 
-    python bench/queue_overhead.py [--files 30] [--model whisper-tiny.en] [--redis-db 12]
+    python bench/queue_overhead.py [--files 200] [--model whisper-tiny.en] [--redis-db 12]
 """
 
 from __future__ import annotations
@@ -28,20 +28,47 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def corpus(speech: Path, n: int, folder: Path) -> list[Path]:
+    """``n`` distinct files: ordered pairs of different English clips back to back (0.3 s of
+    silence between), so no two files share content and neither side can serve one file from
+    another's transcript. Lengths vary (about 4 to 30 s): some files are cut into chunks."""
+    import itertools
+
+    import numpy as np
+    import soundfile as sf
+
+    from ichigo_pipeline.audio import load_audio
+
     rows = [line.split("\t") for line in (speech / "manifest.tsv").read_text().splitlines()[1:]]
     clips = [speech / r[0] for r in rows if r[3] == "en"]
+    pairs = list(itertools.permutations(range(len(clips)), 2))
+    step = max(1, len(pairs) // n)  # spread over all clips, deterministic
+    chosen = (pairs[::step] + [p for i, p in enumerate(pairs) if i % step])[:n]
+    if len(chosen) < n:
+        raise SystemExit(f"only {len(chosen)} distinct pairs of {len(clips)} clips")
+    waves: dict[int, np.ndarray] = {}
+    gap = np.zeros(4800, dtype=np.float32)
     out = []
-    for i in range(n):
-        src = clips[i % len(clips)]
-        dst = folder / f"{i:04d}_{src.name}"  # repeated clips: both sides run with --force
-        shutil.copy(src, dst)
+    for i, (a, b) in enumerate(chosen):
+        for k in (a, b):
+            if k not in waves:
+                waves[k] = load_audio(clips[k]).numpy()
+        wav = np.concatenate([waves[a], gap, waves[b]])
+        dst = folder / f"{i:04d}_{clips[a].stem}+{clips[b].stem}.flac"
+        sf.write(str(dst), np.clip(wav, -1, 1 - 2**-15), 16000, subtype="PCM_16")
         out.append(dst)
     return out
 
 
+def same_texts(a: Path, b: Path) -> tuple[int, int]:
+    """(files whose .txt is the same on both sides, .txt files on side a)."""
+    names = sorted(p.name for p in a.glob("*.txt"))
+    same = sum((a / n).read_text() == (b / n).read_text() for n in names if (b / n).exists())
+    return same, len(names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--files", type=int, default=30)  # the 30 distinct English clips
+    parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--model", default="whisper-tiny.en")
     parser.add_argument("--redis-db", type=int, default=12)
     parser.add_argument("--speech", type=Path, default=REPO.parent / "shared" / "speech")
@@ -68,7 +95,7 @@ def main() -> None:
 
     audio_s = sum(probe_duration(f) or 0.0 for f in files)
 
-    # in-process (its own SQLite store), --force so no dedupe between the identical copies
+    # in-process (its own SQLite store); --force: nothing served from an earlier transcript
     env = dict(os.environ, ICHIGO_DATA_DIR=str(tmp / "inproc-data"), HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "ichigo_common.cli", "transcribe", str(tmp / "corpus"),
@@ -96,13 +123,16 @@ def main() -> None:
             start = time.perf_counter()
             job = api.post("/v1/jobs", json={"paths": paths, "model": args.model, "force": True,
                                              **extra}).json()["job_id"]
+            # polled once a second, as a client would: the API runs in this process and
+            # shares the 2 cores with the worker
             wait_for(lambda: api.get(f"/v1/jobs/{job}").json()["state"] == "done", 3600,
-                     "job", on_timeout=worker.tail)
+                     "job", interval=1.0, on_timeout=worker.tail)
             return time.perf_counter() - start
 
         run_job([str(tmp / "warm")])
         queue_wall = run_job([str(tmp / "corpus")], output_dir=str(tmp / "queue-out"))
 
+    same, n_txt = same_texts(tmp / "queue-out", tmp / "inproc-out")
     info = machine_info()
     text = (
         f"# Queue path vs in-process ({dt.date.today()})\n\n"
@@ -113,12 +143,14 @@ def main() -> None:
         f"| in-process `ichigo transcribe` | {inproc_wall:.1f} | {audio_s / inproc_wall:.2f} "
         "| 1.00x |\n"
         f"| REST -> Redis -> worker -> store | {queue_wall:.1f} | {audio_s / queue_wall:.2f} | "
-        f"{inproc_wall / queue_wall:.2f}x |\n"
+        f"{inproc_wall / queue_wall:.2f}x |\n\n"
+        f"Transcripts: {n_txt} `.txt` from the queue, {same} identical to the in-process ones.\n"
     )
     print(text)
     if args.json:  # bench/compare.py reads this and writes its own table
         args.json.write_text(json.dumps({"files": len(files), "audio_s": audio_s,
-                                         "inproc_wall_s": inproc_wall, "queue_wall_s": queue_wall}))
+                                         "inproc_wall_s": inproc_wall, "queue_wall_s": queue_wall,
+                                         "queue_txt": n_txt, "same_txt": same}))
         return
     out = REPO / "bench" / "results" / f"queue-overhead-{dt.date.today()}.md"
     out.write_text(text)
