@@ -65,7 +65,7 @@ class Settings:
             result_backend=os.environ.get("ICHIGO_RESULT_BACKEND") or "redis://127.0.0.1:6379/1",
             allowed_roots=_roots(os.environ.get("ICHIGO_ALLOWED_ROOTS")),
             model=os.environ.get("ICHIGO_MODEL") or "ichigo-asr-2501-en",
-            batch_size=_int("ICHIGO_BATCH_SIZE", 8),
+            batch_size=_int("ICHIGO_BATCH_SIZE", 16),
             max_attempts=_int("ICHIGO_MAX_ATTEMPTS", 3),
             lease_seconds=_float("ICHIGO_LEASE_SECONDS", 300),
             visibility_timeout=visibility,

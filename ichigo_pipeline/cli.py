@@ -112,7 +112,15 @@ def register(sub) -> None:
     tr = sub.add_parser("transcribe", help="transcribe files or folders in this process")
     tr.add_argument("paths", nargs="+", help="audio files or folders")
     tr.add_argument("--model", "-m", default=None, help="preset name or upstream-style .yaml")
-    tr.add_argument("--batch-size", "-b", type=int, default=8, help="chunks per padded batch")
+    from ichigo_common.settings import get_settings
+
+    tr.add_argument(
+        "--batch-size",
+        "-b",
+        type=int,
+        default=get_settings().batch_size,
+        help="chunks per padded batch (default: ICHIGO_BATCH_SIZE, else 16)",
+    )
     tr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     tr.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
     tr.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
