@@ -55,7 +55,7 @@ class Decoded:
 ATTENTION = "ichigo_whisper_sdpa"
 # half-precision logits on CPU are taken from a float32 product with error bounds from this
 # many rows on (below it the half product is cheaper); see _next_tokens_bounded
-BOUNDED_LOGITS_MIN_ROWS = 4
+BOUNDED_LOGITS_MIN_ROWS = 6
 TIMESTAMP_RULE_MARGIN = 1e-3
 
 
