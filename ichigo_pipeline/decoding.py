@@ -202,6 +202,7 @@ class BatchDecoder:
         self._suppress_idx = torch.tensor(self.suppress, dtype=torch.long)
         self._blank_idx = torch.tensor(tok.encode(" ") + [tok.eot], dtype=torch.long)
         precision = N_AUDIO_CTX_SECONDS / self.model.config.max_source_positions
+        self.time_precision = precision
         self.max_initial_ts_index = round(options.max_initial_timestamp / precision)
 
     def with_options(self, **changes) -> BatchDecoder:
@@ -213,6 +214,17 @@ class BatchDecoder:
         other = copy.copy(self)
         other._set_options(replace(self.options, **changes))
         return other
+
+    def ended_segment_at(self, tokens: list[int]) -> float | None:
+        """Seconds into the window where decoding stopped after a complete segment, when the
+        sampled ``tokens`` end with a timestamp pair (openai-whisper's transcribe then seeks
+        to that timestamp and decodes the rest of the audio); None otherwise."""
+        ts_begin = self.tokenizer.timestamp_begin
+        if self.options.without_timestamps or len(tokens) < 2:
+            return None
+        if tokens[-1] >= ts_begin and tokens[-2] >= ts_begin:
+            return (tokens[-1] - ts_begin) * self.time_precision
+        return None
 
     def _initial_tokens(self) -> list[int]:
         tok, opts = self.tokenizer, self.options
