@@ -99,3 +99,22 @@ def test_small_batches_use_the_half_product(tiny_en_model):
     hidden = torch.zeros(decoding.BOUNDED_LOGITS_MIN_ROWS - 1, decoder.logit_weight.shape[1])
     assert not decoder._bounded_logits_pay(hidden.half())
     assert not decoder._bounded_logits_pay(torch.zeros(64, hidden.shape[1]))  # float32
+
+
+def test_ended_segment_at_reads_a_final_timestamp_pair(tiny_en_model):
+    decoder = tiny_en_model.decoder
+    ts = decoder.tokenizer.timestamp_begin
+    assert decoder.ended_segment_at([ts, 300, 301, ts + 250, ts + 250]) == 250 * 0.02
+    assert decoder.ended_segment_at([ts, 300, 301, ts + 250]) is None  # a single timestamp
+    assert decoder.ended_segment_at([300, 301]) is None
+    assert decoder.ended_segment_at([]) is None
+
+
+def test_ichigo_chunks_are_never_resumed(tiny_en_model):
+    """Resuming after the last segment is plain Whisper's (openai-whisper's seek); an Ichigo
+    model's text stays what upstream decodes from each chunk's sound tokens."""
+    from ichigo_pipeline.pipeline import BatchPipeline
+
+    ts = tiny_en_model.decoder.tokenizer.timestamp_begin
+    pipeline = BatchPipeline(tiny_en_model)
+    assert pipeline._resume_at([ts, 300, ts + 250, ts + 250], duration_s=20.0) is None
