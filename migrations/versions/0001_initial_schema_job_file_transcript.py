@@ -1,12 +1,11 @@
 """initial schema: job, file, transcript
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-25 01:33:50.250053
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
