@@ -55,7 +55,7 @@ def test_bounded_logits_pick_the_half_precision_tokens(tiny_en_model):
     assert decoder.dtype == torch.float16 and decoder._logit_weight32 is not None
     width = decoder.logit_weight.shape[1]
     gen = torch.Generator().manual_seed(0)
-    rows = compared = 0
+    rows = 0
     before = decoder.bounded_fallbacks
     for scale in (0.5, 2.0, 8.0, 30.0):
         for tokens in _token_states(decoder, 48, gen):
@@ -65,7 +65,6 @@ def test_bounded_logits_pick_the_half_precision_tokens(tiny_en_model):
             exact = _exact_next(decoder, hidden, tokens.clone())
             assert torch.equal(fast, exact), (scale, tokens.shape)
             rows += len(hidden)
-            compared += 1
     fallbacks = decoder.bounded_fallbacks - before
     # the bounds decide most rows themselves (otherwise the path is pointless)
     assert fallbacks < rows // 4, (fallbacks, rows)
