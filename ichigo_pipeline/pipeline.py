@@ -87,6 +87,28 @@ class FileResult:
         }
 
 
+_END = object()  # the end of a path source
+
+
+class _Feed:
+    """Paths read ahead of the model, their audio decoding in background threads."""
+
+    def __init__(self, paths: Iterator, io: ThreadPoolExecutor, target: int):
+        self.paths, self.io, self.target = paths, io, target
+        self.ahead: deque[tuple[str, Future]] = deque()
+        self.ended = False
+
+    def refill(self) -> None:
+        while not self.ended and len(self.ahead) < self.target:
+            nxt = next(self.paths, _END)
+            if nxt is _END:
+                self.ended = True
+            elif nxt is None:  # nothing yet: asked again after the next batch
+                return
+            else:
+                self.ahead.append((str(nxt), self.io.submit(load_audio, nxt)))
+
+
 @dataclass
 class _FileState:
     path: str
@@ -246,33 +268,32 @@ class BatchPipeline:
         return state
 
     def run(
-        self, paths: Iterable[str | Path], on_batch: Callable[[float], None] | None = None
+        self, paths: Iterable[str | Path | None], on_batch: Callable[[float], None] | None = None
     ) -> Iterator[FileResult]:
         """Transcribe files, yielding each result as soon as all its chunks are done.
 
+        ``paths`` is read lazily, as room frees up. A None in it means "nothing more yet":
+        the pipeline asks again after its next batch (a source that hands out work only as
+        it is needed, e.g. claims in a store); it is allowed only while files are in flight.
         ``on_batch`` receives the audio seconds each batch completed (for progress bars).
         """
         pool: list[_Chunk] = []
         open_files: list[_FileState] = []
-        ahead: deque[tuple[str, Future]] = deque()
-        path_iter = iter(paths)
         with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ichigo-decode") as io:
-
-            def refill() -> None:
-                while len(ahead) < self.pool_target:
-                    nxt = next(path_iter, None)
-                    if nxt is None:
-                        return
-                    ahead.append((str(nxt), io.submit(load_audio, nxt)))
-
-            refill()
-            while ahead or pool:
-                while ahead and len(pool) < self.pool_target:
-                    path, future = ahead.popleft()
+            feed = _Feed(iter(paths), io, self.pool_target)
+            feed.refill()
+            while feed.ahead or pool or not feed.ended:
+                if not (feed.ahead or pool):  # the files still open have nothing left to run
+                    feed.refill()
+                    if not (feed.ahead or feed.ended):
+                        raise RuntimeError("the path source said 'nothing yet' with no file "
+                                           "in flight")
+                while feed.ahead and len(pool) < self.pool_target:
+                    path, future = feed.ahead.popleft()
                     state = self._start_file(path, future, pool)
                     if state is not None:
                         open_files.append(state)
-                    refill()
+                    feed.refill()
                 if pool:
                     pool.sort(key=lambda c: c.n_samples, reverse=True)
                     batch, pool[:] = pool[: self.batch_size], pool[self.batch_size :]
@@ -289,3 +310,4 @@ class BatchPipeline:
                     else:
                         still_open.append(state)
                 open_files = still_open
+                feed.refill()
