@@ -47,6 +47,7 @@ class Settings:
     max_upload_bytes: int = 1024 * 1024 * 1024
     request_timeout: float = 600.0
     sweep_seconds: float = 60.0
+    shard_extend_seconds: float = 60.0
     flower_basic_auth: str | None = field(repr=False, default=None)
     api_key: str | None = field(repr=False, default=None)
 
@@ -73,6 +74,9 @@ class Settings:
             task_time_limit=_float("ICHIGO_TASK_TIME_LIMIT", visibility * 0.75),
             shard_files=_int("ICHIGO_SHARD_FILES", 32),
             shard_bytes=_int("ICHIGO_SHARD_BYTES", 256 * 1024 * 1024),
+            # a worker running out of its shard's files takes more of the same job's for
+            # this long (0: never), so its batches stay full across shards
+            shard_extend_seconds=_float("ICHIGO_SHARD_EXTEND_SECONDS", 60.0),
             # uploads to the interactive endpoints: a folder the API and every worker share
             upload_dir=Path(os.environ.get("ICHIGO_UPLOAD_DIR") or data / "uploads")
             .expanduser()

@@ -218,7 +218,9 @@ def test_200_files_each_exactly_once(sqlite_setup, worker1):
     assert sum(s["done"] for s in summaries) == 200
     _assert_each_file_once(setup, job_id, paths)
     assert progress, "no shard was ever seen in the PROGRESS state"
-    assert all(m["job_id"] == job_id and m["total"] == 20 for m in progress.values())
+    # a shard's total is the files it claimed: its own, less those another shard took
+    # first, plus those it took from later shards of the job (``_Extension``)
+    assert all(m["job_id"] == job_id and m["finished"] <= m["total"] for m in progress.values())
     wait_for(lambda: setup.redis.queue_idle(BULK_QUEUE), 30, "the queue to drain")
 
 
@@ -526,18 +528,22 @@ def test_progress_events_and_one_callback_when_the_job_is_done(sqlite_setup, wor
             callback_url=f"http://127.0.0.1:{server.server_port}/hook",
         )
         results = enqueue_shards(client, job_id, ids, shard=2)
-        for r in results:
-            r.get(timeout=60)
+        # a shard may take more of its job's files (``_Extension``): whoever ran them, each
+        # shard that ran files reports them all, as its total, in its last progress event
+        ran = {r.id: s["claimed"] for r in results if (s := r.get(timeout=60))["claimed"]}
+        assert sum(ran.values()) == 4
         wait_for(lambda: hook.received, 30, "the job callback")
         again = client.send_task(
             TRANSCRIBE_SHARD, kwargs=shard_payload(job_id, ids), queue=BULK_QUEUE
         )
         assert again.get(timeout=60)["claimed"] == 0
-        ids_done = {r.id for r in results}
         wait_for(
-            lambda: ids_done <= {e["uuid"] for e in events if e.get("finished") == 2},
+            lambda: all(
+                any(e["uuid"] == tid and e.get("finished") == n == e["total"] for e in events)
+                for tid, n in ran.items()
+            ),
             15,
-            "progress events of both shards",
+            "the last progress event of every shard that ran files",
         )
     finally:
         recv.should_stop = True
@@ -548,8 +554,8 @@ def test_progress_events_and_one_callback_when_the_job_is_done(sqlite_setup, wor
     (payload,) = hook.received
     assert payload["job_id"] == job_id and payload["state"] == "done"
     assert payload["files"] == {"done": 4} and payload["total"] == 4
-    mine = [e for e in events if e.get("job_id") == job_id and e["uuid"] in ids_done]
-    assert all(e["total"] == 2 for e in mine)
+    mine = [e for e in events if e.get("job_id") == job_id and e["uuid"] in ran]
+    assert all(2 <= e["total"] <= 4 and e["finished"] <= e["total"] for e in mine)
     assert setup.store.job_counts(job_id)["files"] == {"done": 4}
 
 
@@ -627,6 +633,49 @@ def test_same_content_same_model_is_not_transcribed_again_unless_forced(sqlite_s
     forced = enqueue_shards(client, job3, ids3, shard=2)
     _wait_job(setup, job3, worker1)
     assert forced[0].get(timeout=30)["done"] == 2
+
+
+def test_a_shard_that_runs_out_of_files_takes_more_of_its_job(sqlite_setup, worker1):
+    """One message for the first 4 of 40 files: the shard goes on with the job's other
+    queued files (newest first) in the same stream, so the job ends with no other message."""
+    setup = sqlite_setup
+    paths = make_clips(setup.root / "extend", 40, seed=51)
+    job_id, ids = create_job(setup.store, setup.model, paths)
+    (result,) = enqueue_shards(celery_client(setup.redis.url), job_id, ids[:4], shard=4)
+    summary = result.get(timeout=JOB_TIMEOUT_S)
+    assert summary["claimed"] == 40 and summary["done"] == 40, summary
+    _wait_job(setup, job_id, worker1)
+    _assert_each_file_once(setup, job_id, paths)
+    assert summary["job_done"] is True
+
+
+def test_a_shard_stops_taking_more_while_an_interactive_shard_waits(sqlite_setup, worker1):
+    setup = sqlite_setup
+    client = celery_client(setup.redis.url)
+    big, big_ids = create_job(
+        setup.store, setup.model, make_clips(setup.root / "ext-big", 200, seed=52)
+    )
+    inter, inter_ids = create_job(
+        setup.store, setup.model, make_clips(setup.root / "ext-inter", 2, seed=53)
+    )
+    (first,) = enqueue_shards(client, big, big_ids[:4], shard=4)
+    wait_for(
+        lambda: setup.store.job_counts(big)["files"].get("done", 0) > 0,
+        60,
+        "the big job to be under way",
+        interval=0.1,
+    )
+    enqueue_shards(client, inter, inter_ids, shard=2, queue=INTERACTIVE_QUEUE)
+    _wait_job(setup, inter, worker1, timeout=120)
+    summary = first.get(timeout=60)
+    # it stopped claiming once the interactive shard waited: the rest of the big job is
+    # still queued for its own shards
+    counts = setup.store.job_counts(big)["files"]
+    assert 4 <= summary["claimed"] < 200 and counts.get("queued", 0) == 200 - summary["claimed"]
+    assert "running" not in counts, counts
+    enqueue_shards(client, big, big_ids[4:], shard=50)
+    _wait_job(setup, big, worker1)
+    assert setup.store.job_counts(big)["files"] == {"done": 200}
 
 
 def test_a_cancelled_job_runs_nothing_more(sqlite_setup, worker1):

@@ -11,6 +11,8 @@ the model loads lazily in the prefork child on its first shard (``worker.tasks``
 
 from __future__ import annotations
 
+import multiprocessing
+
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
@@ -18,6 +20,10 @@ from ichigo_common.settings import Settings, get_settings
 from ichigo_common.tasks import BULK_QUEUE, INTERACTIVE_QUEUE
 
 RESULT_EXPIRES_S = 24 * 3600
+
+#: set in the main process when the worker begins to shut down; shared memory made before the
+#: prefork children fork, so a running shard sees it and takes on no more files
+SHUTTING_DOWN = multiprocessing.RawValue("b", 0)
 
 
 def soft_time_limit(hard: float) -> float:
@@ -107,3 +113,8 @@ def _start_sweeper(sender=None, **_kwargs) -> None:
 def _stop_sweeper(sender=None, **_kwargs) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+
+
+@signals.worker_shutting_down.connect
+def _note_shutdown(sender=None, **_kwargs) -> None:
+    SHUTTING_DOWN.value = 1

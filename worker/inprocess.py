@@ -1,8 +1,9 @@
 """``ichigo transcribe`` in-process, recording into the same store the queue uses.
 
-The files become a job (source ``cli``) with one row each; they are claimed and processed in
-units exactly as a worker would (same dedupe by content and model, same idempotent writes),
-only without Redis. ``--no-store`` runs the bare pipeline instead.
+The files become a job (source ``cli``) with one row each; they are claimed and processed
+exactly as a worker would (same dedupe by content and model, same idempotent writes), only
+without Redis, as one stream: rows are inserted and claimed a unit at a time as the
+pipeline asks for more input. ``--no-store`` runs the bare pipeline instead.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from ichigo_pipeline.api import expand_inputs, get_model
     from ichigo_pipeline.model import ModelSpec
 
-    from .runner import process_claims
+    from .runner import LeaseKeeper, process_claims
 
     paths = [p.resolve() for p in expand_inputs(args.paths, recursive=args.recursive)]
     if not paths:
@@ -55,26 +56,37 @@ def run(args: argparse.Namespace) -> int:
     owner = f"{socket.gethostname()}:{os.getpid()}:cli"
     bar = tqdm(total=len(paths), unit="file", file=sys.stderr, disable=args.quiet)
     start = time.perf_counter()
-    totals = {"done": 0, "reused": 0, "failed": 0, "audio_s": 0.0}
+    # files are inserted and claimed a unit at a time, as the pipeline asks for more input:
+    # one stream of batches for the whole run (no small batch at the end of every unit)
     unit = max(args.batch_size * 8, 32)
     rows = ({"path": str(p), "size": None} for p in paths)
-    for batch in store.add_files(job_id, rows, batch=unit):
-        ids = [fid for fid, _ in batch]
-        claims, exhausted = store.claim(ids, owner, settings.lease_seconds, 10**6)
+    added = store.add_files(job_id, rows, batch=unit)
+    leased: list[int] = []
+
+    def next_unit():
+        for batch in added:
+            claims, _ = store.claim([fid for fid, _ in batch], owner, settings.lease_seconds,
+                                    10**6)
+            leased.extend(c.id for c in claims)
+            if claims:
+                return claims
+        return []
+
+    with LeaseKeeper(store, leased, owner, settings.lease_seconds):
         report = process_claims(
             store,
             model,
             model_name,
-            claims,
+            [],
             roots=None,
             batch_size=args.batch_size,
             output_dir=args.output_dir,
             force=args.force,
             on_result=lambda path, outcome: (_emit(args, path, outcome), bar.update(1)),
+            more_claims=next_unit,
         )
-        for key in ("done", "reused", "failed"):
-            totals[key] += getattr(report, key)
-        totals["audio_s"] += report.audio_s
+    totals = {"done": report.done, "reused": report.reused, "failed": report.failed,
+              "audio_s": report.audio_s}
     store.finish_job_if_complete(job_id)
     bar.close()
     wall = time.perf_counter() - start

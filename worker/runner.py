@@ -19,7 +19,7 @@ from __future__ import annotations
 import glob
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,8 @@ class UnitReport:
 
 
 class LeaseKeeper:
-    """Renews the leases of a unit's files every ``interval`` seconds until stopped."""
+    """Renews the leases of a unit's files (``file_ids``, which may grow while it runs)
+    every third of a lease until stopped."""
 
     def __init__(self, store: Store, file_ids: list[int], owner: str, lease_s: float):
         self.store, self.file_ids, self.owner, self.lease_s = store, file_ids, owner, lease_s
@@ -50,7 +51,8 @@ class LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(max(1.0, self.lease_s / 3)):
             try:
-                self.store.renew(self.file_ids, self.owner, self.lease_s)
+                # a copy: a unit that extends itself appends to the list meanwhile
+                self.store.renew(list(self.file_ids), self.owner, self.lease_s)
             except Exception as exc:  # noqa: BLE001 - a missed renewal is retried next time
                 log.warning("lease renewal failed: %s", exc)
 
@@ -98,6 +100,76 @@ class _Outcomes:
             self.on_file(self.report)
 
 
+class _Intake:
+    """Claimed files on their way into the pipeline: path check, hash, reuse of an existing
+    transcript, dedupe by content among the files in flight."""
+
+    def __init__(self, store, model_name, roots, output_dir, force, report, outcome):
+        self.store, self.model_name, self.roots = store, model_name, roots
+        self.output_dir, self.force, self.report, self.outcome = output_dir, force, report, outcome
+        self.todo: dict[str, tuple[Claim, str, int]] = {}  # path -> (claim, hash, size)
+        self.first_of: dict[str, str] = {}  # content hash -> path in flight for it
+        self.copies: dict[str, list[tuple[Claim, Path, int]]] = {}  # path -> same content
+
+    def _fail(self, claim: Claim, reason: str) -> None:
+        self.store.record_failure(claim.id, reason)
+        self.report.failed += 1
+        self.outcome(claim.path, error=reason)
+
+    def admit(self, claim: Claim) -> str | None:
+        """Check, hash and dedupe one claimed file; its path if the model must run on it."""
+        try:
+            path = check_allowed(claim.path, self.roots) if self.roots is not None \
+                else Path(claim.path)
+            if claim.attempts > 1:  # an earlier attempt died: it may have left a temp file
+                _remove_stale_temps(_txt_path(path, self.output_dir))
+            digest, size = content_hash(path)
+        except PathRefused as exc:
+            self._fail(claim, f"refused: {exc}")
+            return None
+        except OSError as exc:
+            self._fail(claim, f"{claim.path}: {exc.strerror or exc}")
+            return None
+        existing = None if self.force else self.store.find_transcript(digest, self.model_name)
+        if existing is not None:
+            _reuse(self.store, claim, path, size, existing, self.output_dir, self.report,
+                   self.outcome)
+            return None
+        if digest in self.first_of:
+            self.copies.setdefault(self.first_of[digest], []).append((claim, path, size))
+            return None
+        self.first_of[digest] = str(path)
+        self.todo[str(path)] = (claim, digest, size)
+        return str(path)
+
+    def paths(self, claims: list[Claim], more_claims, low_water: int) -> Iterator[str | None]:
+        """The files to transcribe, admitted lazily as the pipeline asks for more input.
+        Once the claims run out, ``more_claims`` extends the unit, but only when fewer than
+        ``low_water`` files are in flight (None meanwhile: "nothing yet"): two batches'
+        worth keeps the batches full and the next one's audio decoding while the model
+        runs, and the worker holds no more files than that."""
+        batch: list[Claim] = list(claims)
+        while True:
+            for claim in batch:
+                path = self.admit(claim)
+                if path is not None:
+                    yield path
+            if more_claims is None:
+                return
+            while len(self.todo) >= low_water:
+                yield None
+            batch = more_claims()
+            if not batch:
+                return
+
+    def take(self, path: str) -> tuple[Claim, str, int, list[tuple[Claim, Path, int]]]:
+        """A finished file's claim, hash, size and the copies waiting on it; a copy admitted
+        later finds the transcript (or, if this one failed, is tried again)."""
+        claim, digest, size = self.todo.pop(path)
+        self.first_of.pop(digest, None)
+        return claim, digest, size, self.copies.pop(path, [])
+
+
 def process_claims(
     store: Store,
     model,  # ichigo_pipeline.model.IchigoModel
@@ -113,12 +185,16 @@ def process_claims(
     on_file: Callable[[UnitReport], None] | None = None,
     on_result: Callable[[str, dict], None] | None = None,
     extra_provenance: dict | None = None,
+    more_claims: Callable[[], list[Claim]] | None = None,
 ) -> UnitReport:
     """Transcribe claimed files and record every outcome; never raises for one bad file.
 
     ``on_file(report)`` runs after each file (progress); ``on_result(path, outcome)`` gets a
     JSON-ready dict per file (path, text, tokens, chunks, duration_s, error, reused).
     ``extra_provenance`` is merged into each new transcript's provenance (e.g. which worker).
+    ``more_claims()``, called once the claims are all under way and fewer than two batches
+    of files are in flight (again each time), returns further claimed files to run in the
+    same stream; an empty list ends it.
     ``language`` / ``prompt`` override the preset's; transcripts are shared only between
     requests with the same overrides (``transcript_key``). A language the model does not
     know fails every file with that reason.
@@ -138,36 +214,7 @@ def process_claims(
         return report
     model_name = transcript_key(model_name, language, prompt,
                                 int8=bool(getattr(model, "int8_linear", False)))
-    todo: dict[str, tuple[Claim, str, int]] = {}
-    first_of: dict[str, str] = {}  # content hash -> path transcribed for it in this unit
-    copies: dict[str, list[tuple[Claim, Path, int]]] = {}  # same content again in this unit
-    for claim in claims:
-        try:
-            path = check_allowed(claim.path, roots) if roots is not None else Path(claim.path)
-            if claim.attempts > 1:  # an earlier attempt died: it may have left a temp file
-                _remove_stale_temps(_txt_path(path, output_dir))
-            digest, size = content_hash(path)
-        except PathRefused as exc:
-            store.record_failure(claim.id, f"refused: {exc}")
-            report.failed += 1
-            outcome(claim.path, error=f"refused: {exc}")
-            continue
-        except OSError as exc:
-            reason = f"{claim.path}: {exc.strerror or exc}"
-            store.record_failure(claim.id, reason)
-            report.failed += 1
-            outcome(claim.path, error=reason)
-            continue
-        existing = None if force else store.find_transcript(digest, model_name)
-        if existing is not None:
-            _reuse(store, claim, path, size, existing, output_dir, report, outcome)
-            continue
-        if digest in first_of:
-            copies.setdefault(first_of[digest], []).append((claim, path, size))
-            continue
-        first_of[digest] = str(path)
-        todo[str(path)] = (claim, digest, size)
-
+    intake = _Intake(store, model_name, roots, output_dir, force, report, outcome)
     provenance = dict(
         model.provenance,
         language=language,
@@ -176,8 +223,8 @@ def process_claims(
         chunking=pipeline.chunking.as_dict(),  # the parameters actually used
         **(extra_provenance or {}),
     )
-    for result in pipeline.run(list(todo)):
-        claim, digest, size = todo[result.path]
+    for result in pipeline.run(intake.paths(claims, more_claims, 2 * batch_size)):
+        claim, digest, size, copies = intake.take(result.path)
         if result.ok:
             write_atomic(_txt_path(Path(result.path), output_dir), result.text + "\n")
             store.record_result(
@@ -211,7 +258,7 @@ def process_claims(
             store,
             model_name,
             digest,
-            copies.pop(result.path, []),
+            copies,
             result,
             output_dir,
             report,

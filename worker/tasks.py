@@ -32,14 +32,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from kombu.exceptions import ChannelError
 from sqlalchemy import select
 
 from ichigo_common.settings import Settings, get_settings
 from ichigo_common.store.models import File
 from ichigo_common.store.repo import Claim, PatientStore, Store, aware_utc, is_transient
-from ichigo_common.tasks import TRANSCRIBE_SHARD
+from ichigo_common.tasks import INTERACTIVE_QUEUE, TRANSCRIBE_SHARD
 
-from .celery_app import app
+from .celery_app import SHUTTING_DOWN, app
 from .runner import LeaseKeeper, UnitReport, process_claims
 
 log = logging.getLogger(__name__)
@@ -203,14 +204,73 @@ class _Progress:
             log.debug("progress not sent: %s", exc)
 
 
+def _interactive_waiting() -> bool:
+    """Whether a shard waits in the interactive queue (a user is waiting for it)."""
+    try:
+        with app.connection_for_read() as conn:
+            ok = conn.default_channel.queue_declare(INTERACTIVE_QUEUE, passive=True)
+            return ok.message_count > 0
+    except ChannelError:  # no such queue: on Redis, a queue's list exists only while full
+        return False
+    except Exception as exc:  # noqa: BLE001 - unknown: do not hold the worker longer
+        log.debug("could not look at the interactive queue: %s", exc)
+        return True
+
+
+class _Extension:
+    """``more_claims`` for a shard: while the shard has run less than
+    ``ICHIGO_SHARD_EXTEND_SECONDS``, no interactive shard waits and the worker is not
+    shutting down, lease the next files of the same job that no one has tried (newest
+    first, a batch at a time, when fewer than a batch are in flight), so the worker's
+    batches stay full across shard boundaries instead of every shard ending on a small
+    batch. The shards those files came from find them done when they run. The leased files
+    join the shard's claims (lease renewal, give-back on failure, progress)."""
+
+    def __init__(self, store: Store, settings: Settings, job_id: str, owner: str,
+                 claims: list[Claim], exhausted: list[Claim], lease_ids: list[int],
+                 progress: _Progress):
+        self.store, self.settings, self.job_id, self.owner = store, settings, job_id, owner
+        self.claims, self.exhausted, self.lease_ids = claims, exhausted, lease_ids
+        self.progress = progress
+        self.deadline = time.monotonic() + settings.shard_extend_seconds
+
+    def __call__(self) -> list[Claim]:
+        if SHUTTING_DOWN.value or time.monotonic() >= self.deadline or _interactive_waiting():
+            return []
+        s = self.settings
+        try:
+            claimed, exhausted = self.store.claim_queued(
+                self.job_id, self.owner, s.lease_seconds, s.max_attempts, s.batch_size
+            )
+        except Exception as exc:  # noqa: BLE001 - the shard's own files go on regardless
+            log.warning("job %s: could not extend the shard: %s", self.job_id, exc)
+            return []
+        for c in exhausted:
+            log.warning("file %d of job %s failed: gave up after %d attempts", c.id,
+                        self.job_id, c.attempts)
+        self.lease_ids.extend(c.id for c in claimed)
+        self.claims.extend(claimed)
+        self.exhausted.extend(exhausted)
+        self.progress.total += len(claimed)
+        self.progress.exhausted += len(exhausted)
+        return claimed
+
+
 def _run_unit(
-    task, store: Store, settings: Settings, job, claims: list[Claim], owner: str, exhausted: int
+    task, store: Store, settings: Settings, job, claims: list[Claim], owner: str,
+    exhausted: list[Claim],
 ) -> UnitReport:
     options = job.options or {}
-    progress = _Progress(task, job.id, len(claims), exhausted)
+    progress = _Progress(task, job.id, len(claims), len(exhausted))
     progress(UnitReport(), force=True)
+    lease_ids = [c.id for c in claims]
+    extend = (
+        _Extension(store, settings, job.id, owner, claims, exhausted, lease_ids, progress)
+        if settings.shard_extend_seconds > 0
+        else None
+    )
     # the leases are kept from the claim on: loading a model can outlast a lease
-    with LeaseKeeper(store, [c.id for c in claims], owner, settings.lease_seconds):
+    with LeaseKeeper(store, lease_ids, owner, settings.lease_seconds):
         model = load_model(job.model)
         report = process_claims(
             store,
@@ -228,6 +288,7 @@ def _run_unit(
                 "worker": task.request.hostname or socket.gethostname(),
                 "task_id": task.request.id,
             },
+            more_claims=extend,
         )
     progress(report, force=True)
     return report
@@ -263,7 +324,8 @@ def _claim(task, store: Store, settings: Settings, job_id: str, file_ids: list[i
 
 
 def _process(
-    task, store: Store, settings: Settings, job, claims: list[Claim], owner: str, exhausted: int
+    task, store: Store, settings: Settings, job, claims: list[Claim], owner: str,
+    exhausted: list[Claim],
 ) -> UnitReport | None:
     """Run the claimed files; on a failure that is no one file's, give them back and retry."""
     try:
@@ -319,7 +381,9 @@ def transcribe_shard(self, job_id: str, file_ids: list[int]) -> dict:
         return dict(summary, error="unknown job")
     summary.update(claimed=len(claims), exhausted=len(exhausted), failed=len(exhausted))
     if claims:
-        report = _process(self, store, settings, job, claims, owner, len(exhausted))
+        report = _process(self, store, settings, job, claims, owner, exhausted)
+        # the shard may have grown (``_Extension``): claims and exhausted are the totals
+        summary.update(claimed=len(claims), exhausted=len(exhausted), failed=len(exhausted))
         if report is not None:
             summary.update(
                 done=report.done,

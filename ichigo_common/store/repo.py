@@ -262,13 +262,39 @@ class Store:
                 )
         return claimed, exhausted
 
-    def renew(self, file_ids: list[int], owner: str, lease_seconds: float) -> None:
-        with self.session() as s:
-            s.execute(
-                update(File)
-                .where(File.id.in_(file_ids), File.lease_owner == owner, File.state == "running")
-                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    def claim_queued(
+        self, job_id: str, owner: str, lease_seconds: float, max_attempts: int, limit: int
+    ) -> tuple[list[Claim], list[Claim]]:
+        """Lease up to ``limit`` of the job's files that no one has tried yet, newest first
+        (the far end from the shards workers take in order, so a worker extending its shard
+        rarely meets another worker's claim). Files an earlier attempt left (their worker
+        died) are not taken: they go back through their own shard, so one file is never
+        charged an attempt by every worker that dies with it. Returns ``claim``'s result."""
+        with self.session(readonly=True) as s:
+            ids = list(
+                s.scalars(
+                    select(File.id)
+                    .where(File.job_id == job_id, File.state.in_(("pending", "queued")),
+                           File.attempts == 0)
+                    .order_by(File.id.desc())
+                    .limit(limit)
+                )
             )
+        if not ids:
+            return [], []
+        return self.claim(ids, owner, lease_seconds, max_attempts)
+
+    def renew(self, file_ids: list[int], owner: str, lease_seconds: float) -> None:
+        """Extend the leases ``owner`` holds among ``file_ids`` (in groups of 1000 ids: a
+        long in-process run may name many, and SQLite bounds a statement's parameters)."""
+        with self.session() as s:
+            for group in _batched(file_ids, 1000):
+                s.execute(
+                    update(File)
+                    .where(File.id.in_(group), File.lease_owner == owner,
+                           File.state == "running")
+                    .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+                )
 
     def find_transcript(self, content_hash: str, model: str) -> Transcript | None:
         with self.session(readonly=True) as s:
