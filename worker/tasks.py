@@ -221,7 +221,7 @@ class _Extension:
     """``more_claims`` for a shard: while the shard has run less than
     ``ICHIGO_SHARD_EXTEND_SECONDS``, no interactive shard waits and the worker is not
     shutting down, lease the next files of the same job that no one has tried (newest
-    first, a batch at a time, when fewer than a batch are in flight), so the worker's
+    first, a batch at a time, when fewer than two batches are in flight), so the worker's
     batches stay full across shard boundaries instead of every shard ending on a small
     batch. The shards those files came from find them done when they run. The leased files
     join the shard's claims (lease renewal, give-back on failure, progress)."""
