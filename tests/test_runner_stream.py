@@ -14,16 +14,13 @@ from ichigo_common.store.repo import Store
 from worker.runner import process_claims
 
 from .conftest import speech_like, write_wav
+from .queue_helpers import sqlite_store_url
 
 OWNER = "test@host:1:stream"
 
 
 def _store(tmp_path: Path) -> Store:
-    from ichigo_common.store.migrate import upgrade
-
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    upgrade(url)
-    return Store(url)
+    return Store(sqlite_store_url(tmp_path))
 
 
 def test_claims_taken_mid_run_join_the_stream_and_share_transcripts(tiny_en_model, tmp_path):

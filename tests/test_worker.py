@@ -410,6 +410,16 @@ def _finished_at(store: Store, job_id: str) -> list:
         return sorted(s.scalars(select(File.finished_at).where(File.job_id == job_id)))
 
 
+def _wait_under_way(setup: QueueSetup, job_id: str, what: str) -> None:
+    """Until a file of the job is done (its shard runs)."""
+    wait_for(
+        lambda: setup.store.job_counts(job_id)["files"].get("done", 0) > 0,
+        60,
+        what,
+        interval=0.1,
+    )
+
+
 def test_a_waiting_interactive_shard_goes_before_waiting_bulk_shards(sqlite_setup, worker1):
     setup = sqlite_setup
     client = celery_client(setup.redis.url)
@@ -423,12 +433,7 @@ def test_a_waiting_interactive_shard_goes_before_waiting_bulk_shards(sqlite_setu
         setup.store, setup.model, make_clips(setup.root / "q-inter", 6, seed=14)
     )
     enqueue_shards(client, busy_job, busy_ids, shard=40)
-    wait_for(
-        lambda: setup.store.job_counts(busy_job)["files"].get("done", 0) > 0,
-        60,
-        "the worker to be busy",
-        interval=0.1,
-    )
+    _wait_under_way(setup, busy_job, "the worker to be busy")
     enqueue_shards(client, bulk_job, bulk_ids, shard=2, queue=BULK_QUEUE)
     # three interactive shards: round-robin polling would interleave them with bulk ones
     enqueue_shards(client, inter_job, inter_ids, shard=2, queue=INTERACTIVE_QUEUE)
@@ -659,12 +664,7 @@ def test_a_shard_stops_taking_more_while_an_interactive_shard_waits(sqlite_setup
         setup.store, setup.model, make_clips(setup.root / "ext-inter", 2, seed=53)
     )
     (first,) = enqueue_shards(client, big, big_ids[:4], shard=4)
-    wait_for(
-        lambda: setup.store.job_counts(big)["files"].get("done", 0) > 0,
-        60,
-        "the big job to be under way",
-        interval=0.1,
-    )
+    _wait_under_way(setup, big, "the big job to be under way")
     enqueue_shards(client, inter, inter_ids, shard=2, queue=INTERACTIVE_QUEUE)
     _wait_job(setup, inter, worker1, timeout=120)
     summary = first.get(timeout=60)

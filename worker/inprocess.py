@@ -85,19 +85,18 @@ def run(args: argparse.Namespace) -> int:
             on_result=lambda path, outcome: (_emit(args, path, outcome), bar.update(1)),
             more_claims=next_unit,
         )
-    totals = {"done": report.done, "reused": report.reused, "failed": report.failed,
-              "audio_s": report.audio_s}
     store.finish_job_if_complete(job_id)
     bar.close()
     wall = time.perf_counter() - start
-    n = totals["done"] + totals["reused"] + totals["failed"]
+    r = report
+    n = r.done + r.reused + r.failed
     print(
-        f"job {job_id}: files: {n} ({totals['done']} transcribed, {totals['reused']} already "
-        f"transcribed, {totals['failed']} failed) | audio: {totals['audio_s'] / 3600:.3f} h | "
-        f"wall: {wall:.1f} s | throughput: {totals['audio_s'] / wall if wall else 0:.1f} audio s/s",
+        f"job {job_id}: files: {n} ({r.done} transcribed, {r.reused} already transcribed, "
+        f"{r.failed} failed) | audio: {r.audio_s / 3600:.3f} h | wall: {wall:.1f} s | "
+        f"throughput: {r.audio_s / wall if wall else 0:.1f} audio s/s",
         file=sys.stderr,
     )
-    return 1 if totals["failed"] and not (totals["done"] + totals["reused"]) else 0
+    return 1 if r.failed and not (r.done + r.reused) else 0
 
 
 def register(sub) -> None:
